@@ -1,0 +1,44 @@
+"""convcore: batched Conv1D/2D/3D over NCHW/NHWC tensors, im2col + GEMM in Cython with OpenMP.
+
+Public API
+----------
+conv, conv1d, conv2d, conv3d
+    Compute a convolution layer (Keras/PyTorch/ONNX semantics), optionally with bias and a fused activation.
+output_shape
+    Shape inference without computing.
+make_plan, ConvPlan
+    Build once per layer shape, run many times (what a server caches per registered model).
+openmp_enabled, resolve_num_threads
+    Whether the extension was built with OpenMP; the one place that picks a thread count.
+get_max_output_bytes, set_max_output_bytes
+    The guard that refuses absurd outputs before allocating them.
+"""
+from ._api import (
+    ACTIVATIONS,
+    ConvPlan,
+    conv,
+    conv1d,
+    conv2d,
+    conv3d,
+    get_max_output_bytes,
+    make_plan,
+    output_shape,
+    set_max_output_bytes,
+)
+from ._threads import openmp_enabled, resolve_num_threads
+
+__all__ = [
+    "ACTIVATIONS",
+    "ConvPlan",
+    "conv",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "get_max_output_bytes",
+    "make_plan",
+    "openmp_enabled",
+    "output_shape",
+    "resolve_num_threads",
+    "set_max_output_bytes",
+]
+__version__ = "0.1.0"
