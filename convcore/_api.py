@@ -1,0 +1,368 @@
+"""Public API: plans (built once per layer shape) and the conv functions on top of them."""
+import math
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from . import _kernels
+from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
+from ._threads import limit_scipy_blas, resolve_num_threads
+
+__all__ = ["ACTIVATIONS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes", "make_plan",
+           "output_shape", "set_max_output_bytes"]
+
+ALGO_IM2COL, ALGO_DIRECT, ALGO_DEPTHWISE = 0, 1, 2
+_ALGO_NAMES = {ALGO_IM2COL: "im2col_gemm", ALGO_DIRECT: "gemm_direct", ALGO_DEPTHWISE: "depthwise"}
+
+#: Bytes of one thread's im2col tile: sized to stay in the 512 KiB L2 of a core while the GEMM reads it.
+TILE_BYTES = 256 * 1024
+
+_max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
+
+
+def get_max_output_bytes():
+    """Return the largest output (in bytes) a call may allocate; larger ones are refused with ValueError."""
+    return _max_output_bytes
+
+
+def set_max_output_bytes(nbytes):
+    """Set the guard on output size (bytes, > 0). Returns the previous value."""
+    global _max_output_bytes
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
+        raise ValueError(f"max_output_bytes must be a positive int, got {nbytes!r}")
+    old, _max_output_bytes = _max_output_bytes, int(nbytes)
+    return old
+
+
+def _as_float_array(name, a, dtype=None):
+    """`a` as an ndarray; a list/tuple is converted to `dtype`, an ndarray must already have a float dtype."""
+    if isinstance(a, np.ndarray):
+        check_dtype(name, a.dtype)
+        return a
+    if isinstance(a, (list, tuple)):
+        arr = np.asarray(a, dtype=dtype)
+        check_dtype(name, arr.dtype)
+        return arr
+    if hasattr(a, "__array__") or hasattr(a, "__array_interface__"):
+        arr = np.asarray(a)
+        check_dtype(name, arr.dtype)
+        return arr
+    raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+
+
+class _WorkspacePool:
+    """Per-plan workspaces, reused across calls (fresh large buffers page-fault on every call: PERF-NOTES).
+
+    A pool rather than one buffer so that concurrent calls on the same plan (a server's threads) never share one.
+    """
+
+    def __init__(self, dtype):
+        self._dtype = dtype
+        self._free = []
+        self._lock = threading.Lock()
+
+    def acquire(self, size):
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.size >= size:
+                    return self._free.pop(i)
+        return np.empty(max(size, 1), dtype=self._dtype)
+
+    def release(self, buf):
+        with self._lock:
+            if len(self._free) < 4:
+                self._free.append(buf)
+
+
+class ConvPlan:
+    """A convolution layer prepared once: checked options, weights in the engine's layout, algorithm, tiling.
+
+    Build with :func:`make_plan`; call :meth:`run` as often as needed, from any number of threads. A plan accepts any
+    batch size; the other input dims are fixed by the plan.
+
+    Attributes
+    ----------
+    algorithm : str
+        "gemm_direct" (1x1, stride 1, no padding: GEMM on the input itself), "im2col_gemm" or "depthwise".
+    geometry : LayerGeometry
+        The checked layer.
+    dtype : numpy.dtype
+    input_shape : tuple
+        The input shape with the batch dim as given to make_plan.
+    """
+
+    def __init__(self, x_shape, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1,
+                 data_format="channels_first", kernel_layout=None, activation=None, num_threads=None,
+                 algorithm="auto", tile_size=None, _expect_rank=None):
+        kernel = _as_float_array("kernel", kernel)
+        self.dtype = kernel.dtype
+        if bias is not None:
+            bias = _as_float_array("bias", bias, self.dtype)
+            if bias.dtype != self.dtype:
+                raise TypeError(f"bias has dtype {bias.dtype}, kernel has {self.dtype}: they must match "
+                                f"(no silent casts)")
+            if bias.ndim != 1:
+                raise ValueError(f"bias must be 1-D (one value per output channel), got shape {bias.shape}")
+        if algorithm not in ("auto", "im2col", "general"):
+            raise ValueError(f"algorithm must be 'auto', 'im2col' or 'general', got {algorithm!r}")
+        if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
+                                      or tile_size < 1):
+            raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
+        self._requested_threads = num_threads
+        resolve_num_threads(num_threads)  # validate now, resolve per call (the small-work cut-off needs the batch)
+        geo = normalize(x_shape, kernel.shape, None if bias is None else bias.shape, strides=strides,
+                        padding=padding, dilation=dilation, groups=groups, data_format=data_format,
+                        kernel_layout=kernel_layout, activation=activation, expect_rank=_expect_rank)
+        self.geometry = geo
+        self.input_shape = tuple(int(s) for s in x_shape)
+        nsp = geo.nsp
+        # Weights in the engine's layout: OI* rows for NCHW (out = W · col), *IO for NHWC (out = col · W).
+        if geo.channels_last and not geo.kernel_io:
+            w = np.transpose(kernel, tuple(range(2, 2 + nsp)) + (1, 0))
+        elif not geo.channels_last and geo.kernel_io:
+            w = np.transpose(kernel, (nsp + 1, nsp) + tuple(range(nsp)))
+        else:
+            w = kernel
+        self._w = np.ascontiguousarray(w).reshape(-1)
+        self._bias = (np.ascontiguousarray(bias) if bias is not None else np.zeros(1, dtype=self.dtype))
+        self._has_bias = bias is not None
+
+        cig = geo.C // geo.groups
+        unit = all(k == 1 for k in geo.ksize) and all(s == 1 for s in geo.strides) and \
+            all(p == (0, 0) for p in geo.pads)
+        if algorithm == "auto" and geo.groups > 1 and cig == 1:
+            self._algo = ALGO_DEPTHWISE
+        elif algorithm == "auto" and unit:
+            self._algo = ALGO_DIRECT
+        else:
+            self._algo = ALGO_IM2COL
+        self._general = algorithm == "general"
+        self._tile_size = tile_size
+        self._ck = cig * math.prod(geo.ksize)
+        self._canon = geo.canonical()
+        self._pool = _WorkspacePool(self.dtype)
+        limit_scipy_blas()
+
+    @property
+    def algorithm(self):
+        return _ALGO_NAMES[self._algo]
+
+    def output_shape(self, batch=None):
+        """The output shape for `batch` (default: the batch of the plan's input shape)."""
+        return self.geometry.output_shape(self.input_shape[0] if batch is None else batch)
+
+    def _tiling(self, n, nthreads):
+        """(pixels per tile, output-channel chunks, workspace elements per thread)."""
+        geo = self.geometry
+        P = math.prod(geo.out_spatial)
+        cog = geo.Cout // geo.groups
+        if self._algo == ALGO_DEPTHWISE:
+            return P, 1, 0
+        itemsize = self.dtype.itemsize
+        if self._tile_size is not None:
+            tile = min(self._tile_size, P)
+        elif self._algo == ALGO_DIRECT:
+            # No column matrix: tiles only to give every thread work.
+            per_item = max(1, -(-4 * nthreads // (n * geo.groups)))
+            tile = max(256, -(-P // per_item))
+            tile = min(P, -(-tile // 16) * 16)
+        else:
+            tile = max(16, TILE_BYTES // (self._ck * itemsize))
+            if tile < P:
+                tile = max(16, tile // 16 * 16)
+            tile = min(tile, P)
+        ptiles = -(-P // tile)
+        items = n * geo.groups * ptiles
+        mtiles = 1
+        if items < 2 * nthreads and cog >= 32:
+            # Too few pixel tiles to feed the team (small images, batch 1): split the output channels too.
+            mtiles = min(-(-2 * nthreads // items), cog // 16)
+        ws = 0 if self._algo == ALGO_DIRECT else self._ck * tile
+        return tile, mtiles, ws
+
+    def _check_input(self, x):
+        x = _as_float_array("x", x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype}, the kernel has {self.dtype}: they must match (the output "
+                            f"has the input's dtype; no silent casts)")
+        if x.ndim != len(self.input_shape) or x.shape[1:] != self.input_shape[1:]:
+            expect = ("N",) + self.input_shape[1:]
+            raise ValueError(f"x has shape {x.shape}, this plan expects {expect}")
+        if x.shape[0] < 1:
+            raise ValueError(f"x has an empty batch dimension, shape {x.shape}")
+        return x
+
+    def run(self, x, out=None):
+        """Compute the layer on `x` (any batch size). Returns `out` (allocated if None). Releases the GIL.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            float32/float64 with the plan's dtype; any strides (copied once if not C-contiguous); read-only is fine.
+        out : numpy.ndarray, optional
+            A C-contiguous writeable array of the output shape and dtype to write into.
+
+        Returns
+        -------
+        numpy.ndarray
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a dtype or shape that does not match the plan, or an unusable `out`.
+        """
+        x = self._check_input(x)
+        n = x.shape[0]
+        geo = self.geometry
+        out_shape = geo.output_shape(n)
+        nbytes = math.prod(out_shape) * self.dtype.itemsize
+        if nbytes > _max_output_bytes:
+            raise ValueError(f"output would be {nbytes} bytes (shape {out_shape}), over max_output_bytes="
+                             f"{_max_output_bytes}; raise it with convcore.set_max_output_bytes()")
+        if out is None:
+            out = np.empty(out_shape, dtype=self.dtype)
+        else:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+            if out.shape != out_shape or out.dtype != self.dtype:
+                raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}, expected shape {out_shape} "
+                                 f"and dtype {self.dtype}")
+            if not out.flags.c_contiguous or not out.flags.writeable:
+                raise ValueError("out must be C-contiguous and writeable")
+            if np.shares_memory(out, x):
+                raise ValueError("out must not overlap x")
+        x = np.ascontiguousarray(x)
+        nthreads = resolve_num_threads(self._requested_threads, flops=geo.flops(n))
+        tile, mtiles, ws = self._tiling(n, nthreads)
+        work = self._pool.acquire(ws * nthreads)
+        try:
+            geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (tile, mtiles, ws)
+            _kernels.run(x.reshape(-1), self._w, self._bias, out.reshape(-1), work, geom,
+                         int(geo.channels_last), self._algo, geo.act, self._has_bias, self._general, nthreads)
+        finally:
+            self._pool.release(work)
+        return out
+
+    __call__ = run
+
+
+def make_plan(x_shape, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1,
+              data_format="channels_first", kernel_layout=None, activation=None, num_threads=None,
+              algorithm="auto", tile_size=None):
+    """Build a reusable :class:`ConvPlan` for inputs of shape `x_shape` (any batch size at run time).
+
+    Parameters are those of :func:`conv`, plus ``algorithm`` ("auto"; "im2col" forces im2col + GEMM with no fast
+    path; "general" forces the general N-d vol2col path) and ``tile_size`` (output pixels per tile; default sized to
+    the L2 cache). The dtype is the kernel's.
+
+    Returns
+    -------
+    ConvPlan
+    """
+    return ConvPlan(x_shape, kernel, bias, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                    data_format=data_format, kernel_layout=kernel_layout, activation=activation,
+                    num_threads=num_threads, algorithm=algorithm, tile_size=tile_size)
+
+
+def output_shape(x_shape, kernel_shape, *, strides=1, padding="valid", dilation=1, groups=1,
+                 data_format="channels_first", kernel_layout=None, activation=None, num_threads=None,
+                 itemsize=None):
+    """Return the output shape of :func:`conv` for these shapes and options, without computing anything.
+
+    Raises the same errors as :func:`conv` for bad options or shapes. With ``itemsize`` (bytes per element) the
+    output size is also checked against the max_output_bytes guard.
+    """
+    resolve_num_threads(num_threads)
+    geo = normalize(x_shape, kernel_shape, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                    data_format=data_format, kernel_layout=kernel_layout, activation=activation,
+                    max_output_bytes=None if itemsize is None else _max_output_bytes,
+                    itemsize=itemsize or 4)
+    return geo.output_shape(int(x_shape[0]))
+
+
+def _conv(x, kernel, bias, expect_rank, out=None, **options):
+    x = _as_float_array("x", x)
+    kernel = _as_float_array("kernel", kernel, x.dtype)
+    if kernel.dtype != x.dtype:
+        raise TypeError(f"kernel has dtype {kernel.dtype}, x has {x.dtype}: they must match (the output has the "
+                        f"input's dtype; no silent casts)")
+    # The output-size guard runs before the plan touches the weights.
+    normalize(x.shape, kernel.shape, None, expect_rank=expect_rank, max_output_bytes=_max_output_bytes,
+              itemsize=x.dtype.itemsize, **{k: v for k, v in options.items() if k != "num_threads"})
+    plan = ConvPlan(x.shape, kernel, bias, _expect_rank=expect_rank, **options)
+    return plan.run(x, out=out)
+
+
+def conv(x, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1, data_format="channels_first",
+         kernel_layout=None, activation=None, num_threads=None, out=None):
+    """Convolution layer (Conv1D/2D/3D by the rank of `x`) with Keras/PyTorch/ONNX semantics.
+
+    Each filter spans all input channels of its group; products are summed across those channels, then the bias is
+    added and the activation applied.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Rank 3/4/5: batch, channels and 1/2/3 spatial dims, float32 or float64. Any strides; read-only is fine.
+    kernel : numpy.ndarray
+        OI* (out, in/groups, *spatial: PyTorch/ONNX) or *IO (*spatial, in/groups, out: Keras/TF), same dtype as x.
+    bias : numpy.ndarray, optional
+        One value per output channel.
+    strides, dilation : int or tuple of int
+        One value for all spatial dims or one per dim; positive.
+    padding : str, int or tuple
+        "valid"; "same" (TF/Keras: out = ceil(in/stride), the odd extra pad at the end); "causal" (1-D only: left
+        pad dilation·(k-1)); an int; one int per spatial dim; or one (begin, end) pair per spatial dim.
+    groups : int
+        Divides the input and output channels; groups == channels is depthwise (any channel multiplier).
+    data_format : str
+        "channels_first" (NCW/NCHW/NCDHW) or "channels_last" (NWC/NHWC/NDHWC), or one of those six names.
+    kernel_layout : str, optional
+        "OIW"/"OIHW"/"OIDHW" or "WIO"/"HWIO"/"DHWIO"; None means OI* for channels_first and *IO for channels_last.
+    activation : str, optional
+        None/"linear", "relu", "relu6", "sigmoid", "tanh", "silu" ("swish"), "elu", "gelu", "softplus".
+    num_threads : int, optional
+        None: all usable cores; -1: all cores; n > 0: n threads. 0 is an error.
+    out : numpy.ndarray, optional
+        Output buffer to reuse (C-contiguous, right shape and dtype).
+
+    Returns
+    -------
+    numpy.ndarray
+        Same dtype as x; shape (N, Cout, *out) for channels_first, (N, *out, Cout) for channels_last.
+
+    Raises
+    ------
+    TypeError
+        For a non-float dtype or a kernel/bias whose dtype differs from x's.
+    ValueError
+        For any inconsistent shape or option; the message names the argument, the value given and what was expected.
+    """
+    return _conv(x, kernel, bias, None, out=out, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                 data_format=data_format, kernel_layout=kernel_layout, activation=activation,
+                 num_threads=num_threads)
+
+
+def conv1d(x, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1, data_format="channels_first",
+           kernel_layout=None, activation=None, num_threads=None, out=None):
+    """:func:`conv` for rank-3 inputs (N, C, W) or (N, W, C); any other rank is a ValueError."""
+    return _conv(x, kernel, bias, 3, out=out, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                 data_format=data_format, kernel_layout=kernel_layout, activation=activation,
+                 num_threads=num_threads)
+
+
+def conv2d(x, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1, data_format="channels_first",
+           kernel_layout=None, activation=None, num_threads=None, out=None):
+    """:func:`conv` for rank-4 inputs (N, C, H, W) or (N, H, W, C); any other rank is a ValueError."""
+    return _conv(x, kernel, bias, 4, out=out, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                 data_format=data_format, kernel_layout=kernel_layout, activation=activation,
+                 num_threads=num_threads)
+
+
+def conv3d(x, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1, data_format="channels_first",
+           kernel_layout=None, activation=None, num_threads=None, out=None):
+    """:func:`conv` for rank-5 inputs (N, C, D, H, W) or (N, D, H, W, C); any other rank is a ValueError."""
+    return _conv(x, kernel, bias, 5, out=out, strides=strides, padding=padding, dilation=dilation, groups=groups,
+                 data_format=data_format, kernel_layout=kernel_layout, activation=activation,
+                 num_threads=num_threads)

@@ -1,0 +1,469 @@
+"""The compute: im2col/vol2col tiles + GEMM, direct 1x1 GEMM, direct depthwise; NCHW and NHWC; float32/float64.
+
+Everything here runs without the GIL on buffers that convcore._api has already checked, shaped and allocated: no
+Python objects are touched inside the parallel loops and there are no per-element bounds checks (the geometry was
+validated once at the Python boundary).
+
+All ranks share one canonical 3-D geometry (D, H, W): 1-D is (1, 1, W), 2-D is (1, H, W). Work is split into
+independent items (batch × group × pixel tile × output-channel chunk) that a `prange` hands to the OpenMP team; each
+thread builds its im2col tile in its own slice of the workspace and calls a single-threaded GEMM on it, then applies
+bias and activation to the output tile while it is still in cache. One level of threads only.
+"""
+from cython.parallel cimport prange, threadid
+from libc.math cimport erf, exp, fabs, log1p, tanh
+from libc.string cimport memcpy, memset
+
+from ._blas cimport floating, gemm_rm
+
+ctypedef Py_ssize_t idx_t
+
+# Algorithms (kept in sync with convcore._api)
+cdef enum:
+    ALGO_IM2COL = 0
+    ALGO_DIRECT = 1
+    ALGO_DEPTHWISE = 2
+
+cdef struct Geom:
+    idx_t N, C, D, H, W, Cout, G, Cig, Cog
+    idx_t KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW
+    idx_t OD, OH, OW, P, KK, CK
+    idx_t tile, ptiles, mtiles, mchunk, ws
+    int act
+    bint has_bias, general
+
+
+cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
+    # a >= 0, b > 0 (cdivision is on: C division truncates, so the -(-a // b) idiom would be wrong here)
+    return (a + b - 1) // b
+
+
+cdef inline void _valid_range(idx_t koff, idx_t stride, idx_t size, idx_t out_size,
+                              idx_t* lo, idx_t* hi) noexcept nogil:
+    """Output positions o with 0 <= o*stride + koff < size, as [lo, hi) clipped to [0, out_size)."""
+    cdef idx_t a = 0, b
+    if koff < 0:
+        a = _ceil_div(-koff, stride)
+    if size - 1 - koff < 0:
+        b = 0
+    else:
+        b = (size - 1 - koff) // stride + 1
+    if b > out_size:
+        b = out_size
+    if a > b:
+        a = b
+    lo[0] = a
+    hi[0] = b
+
+
+# ---------------------------------------------------------------------------------------------- epilogue
+cdef inline void _activate(floating* v, idx_t n, int act) noexcept nogil:
+    """Apply the activation in place. NaN propagates (comparisons with NaN are false, so it is left as is)."""
+    cdef idx_t i
+    cdef double t
+    if act == 0:
+        return
+    elif act == 1:      # relu
+        for i in range(n):
+            if v[i] < 0:
+                v[i] = 0
+    elif act == 2:      # relu6
+        for i in range(n):
+            if v[i] < 0:
+                v[i] = 0
+            elif v[i] > 6:
+                v[i] = 6
+    elif act == 3:      # sigmoid, written to avoid overflow for large |v|
+        for i in range(n):
+            t = v[i]
+            if t >= 0:
+                v[i] = <floating> (1.0 / (1.0 + exp(-t)))
+            else:
+                t = exp(t)
+                v[i] = <floating> (t / (1.0 + t))
+    elif act == 4:      # tanh
+        for i in range(n):
+            v[i] = <floating> tanh(v[i])
+    elif act == 5:      # silu / swish: v * sigmoid(v)
+        for i in range(n):
+            t = v[i]
+            if t >= 0:
+                v[i] = <floating> (t / (1.0 + exp(-t)))
+            else:
+                v[i] = <floating> (t * exp(t) / (1.0 + exp(t)))
+    elif act == 6:      # elu, alpha = 1
+        for i in range(n):
+            if v[i] < 0:
+                v[i] = <floating> (exp(v[i]) - 1.0)
+    elif act == 7:      # gelu, exact (erf) form as torch and Keras default
+        for i in range(n):
+            t = v[i]
+            v[i] = <floating> (0.5 * t * (1.0 + erf(t * 0.7071067811865476)))
+    elif act == 8:      # softplus, stable: max(v, 0) + log1p(exp(-|v|))
+        for i in range(n):
+            t = v[i]
+            v[i] = <floating> ((t if t > 0 else 0.0) + log1p(exp(-fabs(t))))
+
+
+cdef inline void _epilogue_rows(floating* c, idx_t rows, idx_t cols, idx_t ldc,
+                                const floating* bias, int act) noexcept nogil:
+    """Bias per row (NCHW: a row is one output channel), then the activation, on a tile still in cache."""
+    cdef idx_t r, j
+    cdef floating b
+    cdef floating* row
+    for r in range(rows):
+        row = c + r * ldc
+        if bias != NULL:
+            b = bias[r]
+            for j in range(cols):
+                row[j] += b
+        _activate(row, cols, act)
+
+
+cdef inline void _epilogue_cols(floating* c, idx_t rows, idx_t cols, idx_t ldc,
+                                const floating* bias, int act) noexcept nogil:
+    """Bias per column (NHWC: a row is one output pixel, channels contiguous), then the activation."""
+    cdef idx_t r, j
+    cdef floating* row
+    for r in range(rows):
+        row = c + r * ldc
+        if bias != NULL:
+            for j in range(cols):
+                row[j] += bias[j]
+        _activate(row, cols, act)
+
+
+# ---------------------------------------------------------------------------------------------- im2col, NCHW
+cdef void _im2col_nchw(const Geom* g, const floating* xg, floating* col, idx_t p0, idx_t T) noexcept nogil:
+    """col[r, t] for r = (ci, kd, kh, kw) and output pixels p0 .. p0+T-1; xg points at channel 0 of the group.
+
+    Each output row segment is handled as: zeros where the kernel tap falls in the left padding, a copy (memcpy for
+    stride 1), zeros for the right padding — no per-element bounds test.
+    """
+    cdef idx_t HW = g.H * g.W, DHW = g.D * g.H * g.W
+    cdef idx_t r, rem, ci, kd, kh, kw, od, oh, ow, filled, seg, id_, ih, koff, lo, hi, a, b, j
+    cdef floating* dst
+    cdef const floating* src
+    for r in range(g.CK):
+        kw = r % g.KW
+        rem = r // g.KW
+        kh = rem % g.KH
+        rem = rem // g.KH
+        kd = rem % g.KD
+        ci = rem // g.KD
+        koff = kw * g.DW - g.PW
+        _valid_range(koff, g.SW, g.W, g.OW, &lo, &hi)
+        ow = p0 % g.OW
+        rem = p0 // g.OW
+        oh = rem % g.OH
+        od = rem // g.OH
+        filled = 0
+        while filled < T:
+            seg = g.OW - ow
+            if seg > T - filled:
+                seg = T - filled
+            dst = col + r * T + filled
+            id_ = od * g.SD - g.PD + kd * g.DD
+            ih = oh * g.SH - g.PH + kh * g.DH
+            if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
+                memset(dst, 0, seg * sizeof(floating))
+            else:
+                src = xg + ci * DHW + id_ * HW + ih * g.W + koff
+                a = lo if lo > ow else ow
+                b = hi if hi < ow + seg else ow + seg
+                if b < a:
+                    b = a
+                if a > ow:
+                    memset(dst, 0, (a - ow) * sizeof(floating))
+                if g.SW == 1:
+                    if b > a:
+                        memcpy(dst + (a - ow), src + a, (b - a) * sizeof(floating))
+                else:
+                    for j in range(a, b):
+                        dst[j - ow] = src[j * g.SW]
+                if ow + seg > b:
+                    memset(dst + (b - ow), 0, (ow + seg - b) * sizeof(floating))
+            filled += seg
+            ow = 0
+            oh += 1
+            if oh == g.OH:
+                oh = 0
+                od += 1
+
+
+cdef void _vol2col_nchw_general(const Geom* g, const floating* xg, floating* col, idx_t p0, idx_t T) noexcept nogil:
+    """The general N-d path: the same matrix as _im2col_nchw, one element at a time with explicit bounds tests.
+
+    Slower, obviously right; `algorithm="general"` forces it so tests can compare it with the fast path.
+    """
+    cdef idx_t r, rem, ci, kd, kh, kw, t, p, od, oh, ow, id_, ih, iw
+    for r in range(g.CK):
+        kw = r % g.KW
+        rem = r // g.KW
+        kh = rem % g.KH
+        rem = rem // g.KH
+        kd = rem % g.KD
+        ci = rem // g.KD
+        for t in range(T):
+            p = p0 + t
+            ow = p % g.OW
+            oh = (p // g.OW) % g.OH
+            od = p // (g.OW * g.OH)
+            id_ = od * g.SD - g.PD + kd * g.DD
+            ih = oh * g.SH - g.PH + kh * g.DH
+            iw = ow * g.SW - g.PW + kw * g.DW
+            if 0 <= id_ < g.D and 0 <= ih < g.H and 0 <= iw < g.W:
+                col[r * T + t] = xg[((ci * g.D + id_) * g.H + ih) * g.W + iw]
+            else:
+                col[r * T + t] = 0
+
+
+# ---------------------------------------------------------------------------------------------- im2col, NHWC
+cdef void _im2col_nhwc(const Geom* g, const floating* xn, floating* col, idx_t p0, idx_t T) noexcept nogil:
+    """col[t, (kd, kh, kw, ci)]: one row per output pixel, channels contiguous — one memcpy per kernel tap.
+
+    xn points at x[n, 0, 0, 0, group's first channel]; rows of x have C channels, a group reads Cig of them.
+    """
+    cdef idx_t t, p, od, oh, ow, kd, kh, kw, id_, ih, iw
+    cdef size_t nbytes = g.Cig * sizeof(floating)
+    cdef floating* dst
+    for t in range(T):
+        p = p0 + t
+        ow = p % g.OW
+        oh = (p // g.OW) % g.OH
+        od = p // (g.OW * g.OH)
+        dst = col + t * g.CK
+        for kd in range(g.KD):
+            id_ = od * g.SD - g.PD + kd * g.DD
+            for kh in range(g.KH):
+                ih = oh * g.SH - g.PH + kh * g.DH
+                if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
+                    memset(dst, 0, nbytes * g.KW)
+                    dst += g.Cig * g.KW
+                    continue
+                for kw in range(g.KW):
+                    iw = ow * g.SW - g.PW + kw * g.DW
+                    if <size_t> iw >= <size_t> g.W:
+                        memset(dst, 0, nbytes)
+                    else:
+                        memcpy(dst, xn + ((id_ * g.H + ih) * g.W + iw) * g.C, nbytes)
+                    dst += g.Cig
+
+
+cdef void _vol2col_nhwc_general(const Geom* g, const floating* xn, floating* col, idx_t p0, idx_t T) noexcept nogil:
+    """General N-d path for NHWC: element by element with explicit bounds tests (see _vol2col_nchw_general)."""
+    cdef idx_t t, p, od, oh, ow, kd, kh, kw, ci, id_, ih, iw, r
+    for t in range(T):
+        p = p0 + t
+        ow = p % g.OW
+        oh = (p // g.OW) % g.OH
+        od = p // (g.OW * g.OH)
+        r = 0
+        for kd in range(g.KD):
+            for kh in range(g.KH):
+                for kw in range(g.KW):
+                    id_ = od * g.SD - g.PD + kd * g.DD
+                    ih = oh * g.SH - g.PH + kh * g.DH
+                    iw = ow * g.SW - g.PW + kw * g.DW
+                    for ci in range(g.Cig):
+                        if 0 <= id_ < g.D and 0 <= ih < g.H and 0 <= iw < g.W:
+                            col[t * g.CK + r] = xn[((id_ * g.H + ih) * g.W + iw) * g.C + ci]
+                        else:
+                            col[t * g.CK + r] = 0
+                        r += 1
+
+
+# ---------------------------------------------------------------------------------------------- work items
+cdef inline void _split_item(const Geom* g, idx_t it, idx_t* n, idx_t* grp, idx_t* p0, idx_t* T,
+                             idx_t* m0, idx_t* M) noexcept nogil:
+    cdef idx_t mt = it % g.mtiles, rest = it // g.mtiles
+    cdef idx_t pt = rest % g.ptiles
+    rest = rest // g.ptiles
+    grp[0] = rest % g.G
+    n[0] = rest // g.G
+    p0[0] = pt * g.tile
+    T[0] = g.P - p0[0] if g.P - p0[0] < g.tile else g.tile
+    m0[0] = mt * g.mchunk
+    M[0] = g.Cog - m0[0] if g.Cog - m0[0] < g.mchunk else g.mchunk
+
+
+cdef void _item_nchw(const Geom* g, const floating* x, const floating* w, const floating* bias,
+                     floating* out, floating* col, idx_t it, bint direct) noexcept nogil:
+    cdef idx_t n, grp, p0, T, m0, M, co0
+    _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
+    if M <= 0:
+        return
+    co0 = grp * g.Cog + m0
+    cdef const floating* xg = x + (n * g.C + grp * g.Cig) * (g.D * g.H * g.W)
+    cdef floating* c = out + (n * g.Cout + co0) * g.P + p0
+    if direct:
+        # 1x1, stride 1, no padding: the input plane is already the column matrix (ld = P); no copy at all.
+        gemm_rm(False, False, <int> M, <int> T, <int> g.CK, <floating> 1, w + co0 * g.CK, <int> g.CK,
+                xg + p0, <int> g.P, <floating> 0, c, <int> g.P)
+    else:
+        if g.general:
+            _vol2col_nchw_general(g, xg, col, p0, T)
+        else:
+            _im2col_nchw(g, xg, col, p0, T)
+        gemm_rm(False, False, <int> M, <int> T, <int> g.CK, <floating> 1, w + co0 * g.CK, <int> g.CK,
+                col, <int> T, <floating> 0, c, <int> g.P)
+    _epilogue_rows(c, M, T, g.P, bias + co0 if g.has_bias else NULL, g.act)
+
+
+cdef void _item_nhwc(const Geom* g, const floating* x, const floating* w, const floating* bias,
+                     floating* out, floating* col, idx_t it, bint direct) noexcept nogil:
+    cdef idx_t n, grp, p0, T, m0, M, co0
+    _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
+    if M <= 0:
+        return
+    co0 = grp * g.Cog + m0
+    cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * g.Cig
+    cdef floating* c = out + (n * g.P + p0) * g.Cout + co0
+    if direct:
+        gemm_rm(False, False, <int> T, <int> M, <int> g.CK, <floating> 1, xn + p0 * g.C, <int> g.C,
+                w + co0, <int> g.Cout, <floating> 0, c, <int> g.Cout)
+    else:
+        if g.general:
+            _vol2col_nhwc_general(g, xn, col, p0, T)
+        else:
+            _im2col_nhwc(g, xn, col, p0, T)
+        gemm_rm(False, False, <int> T, <int> M, <int> g.CK, <floating> 1, col, <int> g.CK,
+                w + co0, <int> g.Cout, <floating> 0, c, <int> g.Cout)
+    _epilogue_cols(c, T, M, g.Cout, bias + co0 if g.has_bias else NULL, g.act)
+
+
+# ---------------------------------------------------------------------------------------------- depthwise
+cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating* w, const floating* bias,
+                                floating* out, idx_t it) noexcept nogil:
+    """One output plane (n, co) of a depthwise layer (groups == C, Cog = channel multiplier).
+
+    Kernel taps outermost: each tap is one multiply-add pass over the output plane (which stays in L1), its inner
+    loop contiguous over the output row for stride 1, so the compiler vectorizes it.
+    """
+    cdef idx_t n = it // g.Cout, co = it % g.Cout
+    cdef idx_t ci = co // g.Cog
+    cdef idx_t OP = g.OD * g.OH * g.OW, HW = g.H * g.W
+    cdef floating* op = out + it * OP
+    cdef const floating* xp = x + (n * g.C + ci) * g.D * HW
+    cdef const floating* wk = w + co * g.KK
+    cdef idx_t kd, kh, kw, od, oh, ow, id_, ih, koff, lo, hi, j
+    cdef floating wv, b0 = bias[co] if g.has_bias else 0
+    cdef floating* orow
+    cdef const floating* irow
+    for j in range(OP):
+        op[j] = b0
+    for kd in range(g.KD):
+        for kh in range(g.KH):
+            for kw in range(g.KW):
+                wv = wk[(kd * g.KH + kh) * g.KW + kw]
+                koff = kw * g.DW - g.PW
+                _valid_range(koff, g.SW, g.W, g.OW, &lo, &hi)
+                for od in range(g.OD):
+                    id_ = od * g.SD - g.PD + kd * g.DD
+                    if <size_t> id_ >= <size_t> g.D:
+                        continue
+                    for oh in range(g.OH):
+                        ih = oh * g.SH - g.PH + kh * g.DH
+                        if <size_t> ih >= <size_t> g.H:
+                            continue
+                        orow = op + (od * g.OH + oh) * g.OW
+                        irow = xp + id_ * HW + ih * g.W + koff
+                        if g.SW == 1:
+                            for ow in range(lo, hi):
+                                orow[ow] += wv * irow[ow]
+                        else:
+                            for ow in range(lo, hi):
+                                orow[ow] += wv * irow[ow * g.SW]
+    _activate(op, OP, g.act)
+
+
+cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* w, const floating* bias,
+                              floating* out, idx_t it) noexcept nogil:
+    """One output row (n, od, oh) of a depthwise layer in NHWC, vectorized over the contiguous channels."""
+    cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
+    cdef floating* orow = out + it * g.OW * g.Cout
+    cdef idx_t kd, kh, kw, ow, id_, ih, koff, lo, hi, c, m, mult = g.Cog, C = g.C
+    cdef const floating* wrow
+    cdef const floating* xin
+    cdef floating* o
+    cdef floating xv
+    for ow in range(g.OW):
+        o = orow + ow * g.Cout
+        if g.has_bias:
+            memcpy(o, bias, g.Cout * sizeof(floating))
+        else:
+            memset(o, 0, g.Cout * sizeof(floating))
+    for kd in range(g.KD):
+        id_ = od * g.SD - g.PD + kd * g.DD
+        if <size_t> id_ >= <size_t> g.D:
+            continue
+        for kh in range(g.KH):
+            ih = oh * g.SH - g.PH + kh * g.DH
+            if <size_t> ih >= <size_t> g.H:
+                continue
+            for kw in range(g.KW):
+                wrow = w + ((kd * g.KH + kh) * g.KW + kw) * g.Cout
+                koff = kw * g.DW - g.PW
+                _valid_range(koff, g.SW, g.W, g.OW, &lo, &hi)
+                for ow in range(lo, hi):
+                    xin = x + (((n * g.D + id_) * g.H + ih) * g.W + ow * g.SW + koff) * C
+                    o = orow + ow * g.Cout
+                    if mult == 1:
+                        for c in range(C):
+                            o[c] += xin[c] * wrow[c]
+                    else:
+                        for c in range(C):
+                            xv = xin[c]
+                            for m in range(mult):
+                                o[c * mult + m] += xv * wrow[c * mult + m]
+    _activate(orow, g.OW * g.Cout, g.act)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, floating[::1] out,
+        floating[::1] work, tuple geom, int channels_last, int algo, int act, bint has_bias, bint general,
+        int num_threads):
+    """Run one planned convolution. Called only by convcore._api.ConvPlan, which has checked every size.
+
+    geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mtiles, ws)
+    """
+    cdef Geom g
+    (g.N, g.C, g.D, g.H, g.W, g.Cout, g.G, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
+     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mtiles, g.ws) = geom
+    g.Cig = g.C // g.G
+    g.Cog = g.Cout // g.G
+    g.P = g.OD * g.OH * g.OW
+    g.KK = g.KD * g.KH * g.KW
+    g.CK = g.Cig * g.KK
+    g.ptiles = _ceil_div(g.P, g.tile)
+    g.mchunk = _ceil_div(g.Cog, g.mtiles)
+    g.act = act
+    g.has_bias = has_bias
+    g.general = general
+
+    cdef const floating* xp = &x[0]
+    cdef const floating* wp = &w[0]
+    cdef const floating* bp = &bias[0]
+    cdef floating* op = &out[0]
+    cdef floating* wsp = &work[0]
+    cdef idx_t it, nitems
+    cdef int tid
+    cdef bint direct = algo == ALGO_DIRECT
+    if algo == ALGO_DEPTHWISE:
+        if channels_last:
+            nitems = g.N * g.OD * g.OH
+            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+                _depthwise_nhwc_row(&g, xp, wp, bp, op, it)
+        else:
+            nitems = g.N * g.Cout
+            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+                _depthwise_nchw_plane(&g, xp, wp, bp, op, it)
+        return
+    nitems = g.N * g.G * g.ptiles * g.mtiles
+    if channels_last:
+        for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+            tid = threadid()
+            _item_nhwc(&g, xp, wp, bp, op, wsp + tid * g.ws, it, direct)
+    else:
+        for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+            tid = threadid()
+            _item_nchw(&g, xp, wp, bp, op, wsp + tid * g.ws, it, direct)

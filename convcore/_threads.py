@@ -1,0 +1,124 @@
+"""The one place that picks a thread count, and the one place that tames scipy's BLAS thread pool.
+
+The engine runs one level of threads: an OpenMP `prange` over tiles, each tile calling a *single-threaded* GEMM.
+scipy's OpenBLAS must therefore stay at one thread; if it spun up its own pool inside our OpenMP team the two would
+fight over the 2 cores (see PERF-NOTES: 5-20x slow-downs).
+"""
+import numbers
+import os
+import threading
+
+from ._openmp_helpers import openmp_enabled, openmp_max_threads
+
+__all__ = ["openmp_enabled", "resolve_num_threads", "usable_cpus", "limit_scipy_blas", "SMALL_WORK_FLOPS"]
+
+#: Below this many FLOPs a call runs on one thread: waking the OpenMP team costs more than it saves (as MLAS does).
+SMALL_WORK_FLOPS = 2_000_000
+
+
+def _cgroup_cpu_limit():
+    """CPUs allowed by the cgroup CPU quota (v2 `cpu.max` or v1 `cfs_quota_us`), or None when unlimited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return max(1, int(int(quota) // int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        if quota > 0 and period > 0:
+            return max(1, quota // period)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def usable_cpus():
+    """Cores this process may use: its CPU affinity, capped by the cgroup quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    return min(n, limit) if limit else n
+
+
+def resolve_num_threads(num_threads=None, flops=None):
+    """Return the number of OpenMP threads a kernel call will use.
+
+    Parameters
+    ----------
+    num_threads : int or None
+        None: all usable cores (CPU affinity and cgroup quota respected, and ``OMP_NUM_THREADS`` when set);
+        -1: every core the process may run on, ignoring ``OMP_NUM_THREADS``; a positive int: that many.
+    flops : int, optional
+        The work of the call; below ``SMALL_WORK_FLOPS`` the answer is 1 (unless a count was asked for explicitly).
+
+    Returns
+    -------
+    int
+        At least 1; always 1 when the extension was built without OpenMP.
+
+    Raises
+    ------
+    TypeError
+        If num_threads is not an int or None.
+    ValueError
+        If num_threads is 0 or below -1.
+    """
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+            raise TypeError(f"num_threads must be an int or None, got {num_threads!r}")
+        num_threads = int(num_threads)
+        if num_threads == 0:
+            raise ValueError("num_threads=0 is not allowed: use None for all usable cores, -1 for all cores, "
+                             "or a positive count")
+        if num_threads < -1:
+            raise ValueError(f"num_threads must be None, -1 or a positive int, got {num_threads}")
+    if not openmp_enabled():
+        return 1
+    if num_threads is None:
+        n = usable_cpus()
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            n = min(n, openmp_max_threads())
+        if flops is not None and flops < SMALL_WORK_FLOPS:
+            return 1
+        return max(1, n)
+    if num_threads == -1:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:
+            return os.cpu_count() or 1
+    return num_threads
+
+
+_blas_lock = threading.Lock()
+_blas_limited = False
+
+
+def limit_scipy_blas():
+    """Pin scipy's BLAS (the one `scipy.linalg.cython_blas` calls) to one thread, once per process.
+
+    Only scipy's own copy is touched when it can be told apart (wheels bundle it in ``scipy.libs``), so numpy's
+    BLAS keeps its threads for the rest of the user's program.
+    """
+    global _blas_limited
+    if _blas_limited:
+        return
+    with _blas_lock:
+        if _blas_limited:
+            return
+        import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS so threadpoolctl can see it)
+        from threadpoolctl import ThreadpoolController
+
+        controller = ThreadpoolController()
+        blas = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
+        scipy_only = [lib for lib in blas if "scipy.libs" in lib.filepath or os.sep + "scipy" + os.sep in lib.filepath]
+        for lib in scipy_only or blas:
+            lib.set_num_threads(1)
+        _blas_limited = True
