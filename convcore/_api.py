@@ -15,8 +15,10 @@ __all__ = ["ACTIVATIONS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get
 ALGO_IM2COL, ALGO_DIRECT, ALGO_DEPTHWISE = 0, 1, 2
 _ALGO_NAMES = {ALGO_IM2COL: "im2col_gemm", ALGO_DIRECT: "gemm_direct", ALGO_DEPTHWISE: "depthwise"}
 
-#: Bytes of one thread's im2col tile: sized to stay in the 512 KiB L2 of a core while the GEMM reads it.
-TILE_BYTES = 256 * 1024
+#: Bytes of one thread's im2col tile: about a core's L2 (512 KiB here); measured best of 64 KiB..4 MiB (BENCHMARKS.md).
+TILE_BYTES = 512 * 1024
+#: ... but never fewer output pixels per tile than this: below it the GEMM's N dimension is too thin to run fast.
+MIN_TILE = 64
 
 _max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
 
@@ -125,7 +127,8 @@ class ConvPlan:
         else:
             w = kernel
         self._w = np.ascontiguousarray(w).reshape(-1)
-        self._bias = (np.ascontiguousarray(bias) if bias is not None else np.zeros(1, dtype=self.dtype))
+        # Zeros when there is no bias: the depthwise kernels start their accumulators from it unconditionally.
+        self._bias = (np.ascontiguousarray(bias) if bias is not None else np.zeros(geo.Cout, dtype=self.dtype))
         self._has_bias = bias is not None
 
         cig = geo.C // geo.groups
@@ -168,10 +171,11 @@ class ConvPlan:
             tile = max(256, -(-P // per_item))
             tile = min(P, -(-tile // 16) * 16)
         else:
-            tile = max(16, TILE_BYTES // (self._ck * itemsize))
-            if tile < P:
-                tile = max(16, tile // 16 * 16)
+            tile = max(MIN_TILE, TILE_BYTES // (self._ck * itemsize))
             tile = min(tile, P)
+        # Balance the tiles so the last one is not a sliver (a GEMM with a tiny N runs far below peak).
+        ptiles = -(-P // tile)
+        tile = -(-P // ptiles)
         ptiles = -(-P // tile)
         items = n * geo.groups * ptiles
         mtiles = 1

@@ -376,22 +376,24 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
     _activate(op, OP, g.act)
 
 
-cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* w, const floating* bias,
-                              floating* out, idx_t it) noexcept nogil:
-    """One output row (n, od, oh) of a depthwise layer in NHWC, vectorized over the contiguous channels."""
-    cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
-    cdef floating* orow = out + it * g.OW * g.Cout
-    cdef idx_t kd, kh, kw, ow, id_, ih, koff, lo, hi, c, m, mult = g.Cog, C = g.C
+cdef enum:
+    DW_BLOCK = 16   # channels per register block (2 AVX2 registers of float)
+    DW_PIX = 4      # output pixels per register block: each weight load feeds 4 multiply-adds
+
+
+cdef inline void _dw_nhwc_block(const Geom* g, const floating* xn, const floating* w, const floating* bias,
+                                floating* o, idx_t od, idx_t oh, idx_t ow0, idx_t cb) noexcept nogil:
+    """DW_PIX interior pixels x DW_BLOCK channels of a depthwise NHWC row, accumulators in registers.
+
+    Interior: every kernel tap of the DW_PIX pixels falls inside the input along W, so no test per tap and pixel.
+    """
+    cdef floating acc[DW_PIX * DW_BLOCK]
+    cdef idx_t kd, kh, kw, id_, ih, p, j, C = g.C, step = g.SW * g.C
     cdef const floating* wrow
-    cdef const floating* xin
-    cdef floating* o
-    cdef floating xv
-    for ow in range(g.OW):
-        o = orow + ow * g.Cout
-        if g.has_bias:
-            memcpy(o, bias, g.Cout * sizeof(floating))
-        else:
-            memset(o, 0, g.Cout * sizeof(floating))
+    cdef const floating* xb
+    for p in range(DW_PIX):
+        for j in range(DW_BLOCK):
+            acc[p * DW_BLOCK + j] = bias[cb + j]
     for kd in range(g.KD):
         id_ = od * g.SD - g.PD + kd * g.DD
         if <size_t> id_ >= <size_t> g.D:
@@ -401,21 +403,81 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
             if <size_t> ih >= <size_t> g.H:
                 continue
             for kw in range(g.KW):
-                wrow = w + ((kd * g.KH + kh) * g.KW + kw) * g.Cout
-                koff = kw * g.DW - g.PW
-                _valid_range(koff, g.SW, g.W, g.OW, &lo, &hi)
-                for ow in range(lo, hi):
-                    xin = x + (((n * g.D + id_) * g.H + ih) * g.W + ow * g.SW + koff) * C
-                    o = orow + ow * g.Cout
-                    if mult == 1:
-                        for c in range(C):
-                            o[c] += xin[c] * wrow[c]
-                    else:
-                        for c in range(C):
-                            xv = xin[c]
-                            for m in range(mult):
-                                o[c * mult + m] += xv * wrow[c * mult + m]
-    _activate(orow, g.OW * g.Cout, g.act)
+                wrow = w + ((kd * g.KH + kh) * g.KW + kw) * g.Cout + cb
+                xb = xn + ((id_ * g.H + ih) * g.W + ow0 * g.SW - g.PW + kw * g.DW) * C + cb
+                for p in range(DW_PIX):
+                    for j in range(DW_BLOCK):
+                        acc[p * DW_BLOCK + j] += xb[p * step + j] * wrow[j]
+    for p in range(DW_PIX):
+        for j in range(DW_BLOCK):
+            o[p * g.Cout + cb + j] = acc[p * DW_BLOCK + j]
+
+
+cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* w, const floating* bias,
+                              floating* out, idx_t it) noexcept nogil:
+    """One output row (n, od, oh) of a depthwise layer in NHWC, vectorized over the contiguous channels.
+
+    Interior pixels (all taps inside the input along W) with channel multiplier 1 go through _dw_nhwc_block:
+    DW_PIX pixels x DW_BLOCK channels held in registers across all taps. Border pixels, leftover channels and
+    multipliers > 1 take the plain loop, which accumulates in the output. `bias` is never NULL here (zeros when the
+    layer has none).
+    """
+    cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
+    cdef floating* orow = out + it * g.OW * g.Cout
+    cdef idx_t ow, ow0, c, blk, C = g.C, Cout = g.Cout, KW = g.KW, W = g.W
+    cdef idx_t cfull = (C // DW_BLOCK) * DW_BLOCK if g.Cog == 1 else 0
+    cdef const floating* xn = x + n * g.D * g.H * g.W * C
+    cdef bint interior
+    ow = 0
+    while ow < g.OW:
+        interior = (cfull > 0 and ow + DW_PIX <= g.OW and ow * g.SW - g.PW >= 0
+                    and (ow + DW_PIX - 1) * g.SW - g.PW + (KW - 1) * g.DW < W)
+        if interior:
+            for blk in range(cfull // DW_BLOCK):
+                _dw_nhwc_block(g, xn, w, bias, orow + ow * Cout, od, oh, ow, blk * DW_BLOCK)
+            ow0 = ow
+            ow += DW_PIX
+            c = cfull      # channels left for the plain loop below
+        else:
+            ow0 = ow
+            ow += 1
+            c = 0
+        if c < Cout:
+            for ow0 in range(ow0, ow):
+                _dw_nhwc_plain(g, xn, w, bias, orow + ow0 * Cout, od, oh, ow0, c)
+    _activate(orow, g.OW * Cout, g.act)
+
+
+cdef void _dw_nhwc_plain(const Geom* g, const floating* xn, const floating* w, const floating* bias,
+                         floating* o, idx_t od, idx_t oh, idx_t ow, idx_t c0) noexcept nogil:
+    """Output channels c0.. of one pixel, any multiplier, taps tested one by one."""
+    cdef idx_t kd, kh, kw, id_, ih, iw, c, m, mult = g.Cog, C = g.C, Cout = g.Cout
+    cdef const floating* wrow
+    cdef const floating* xin
+    cdef floating xv
+    memcpy(o + c0, bias + c0, (Cout - c0) * sizeof(floating))
+    for kd in range(g.KD):
+        id_ = od * g.SD - g.PD + kd * g.DD
+        if <size_t> id_ >= <size_t> g.D:
+            continue
+        for kh in range(g.KH):
+            ih = oh * g.SH - g.PH + kh * g.DH
+            if <size_t> ih >= <size_t> g.H:
+                continue
+            for kw in range(g.KW):
+                iw = ow * g.SW - g.PW + kw * g.DW
+                if <size_t> iw >= <size_t> g.W:
+                    continue
+                wrow = w + ((kd * g.KH + kh) * g.KW + kw) * Cout
+                xin = xn + ((id_ * g.H + ih) * g.W + iw) * C
+                if mult == 1:
+                    for c in range(c0, C):
+                        o[c] += xin[c] * wrow[c]
+                else:
+                    for c in range(C):
+                        xv = xin[c]
+                        for m in range(mult):
+                            o[c * mult + m] += xv * wrow[c * mult + m]
 
 
 # ---------------------------------------------------------------------------------------------- entry point
