@@ -376,41 +376,27 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
     _activate(op, OP, g.act)
 
 
-cdef enum:
-    DW_BLOCK = 16   # channels per register block (2 AVX2 registers of float)
-    DW_PIX = 4      # output pixels per register block: each weight load feeds 4 multiply-adds
+cdef extern from "_dw_simd.h" nogil:
+    int CC_DW_PIX
+    void cc_dw_block_f32(const float* xn, const float* w, const float* bias, float* o, idx_t od, idx_t oh,
+                         idx_t ow0, idx_t cb, idx_t KD, idx_t KH, idx_t KW, idx_t SD, idx_t SH, idx_t SW,
+                         idx_t DD, idx_t DH, idx_t DW, idx_t PD, idx_t PH, idx_t PW, idx_t D, idx_t H, idx_t W,
+                         idx_t C, idx_t Cout)
+    void cc_dw_block_f64(const double* xn, const double* w, const double* bias, double* o, idx_t od, idx_t oh,
+                         idx_t ow0, idx_t cb, idx_t KD, idx_t KH, idx_t KW, idx_t SD, idx_t SH, idx_t SW,
+                         idx_t DD, idx_t DH, idx_t DW, idx_t PD, idx_t PH, idx_t PW, idx_t D, idx_t H, idx_t W,
+                         idx_t C, idx_t Cout)
 
 
 cdef inline void _dw_nhwc_block(const Geom* g, const floating* xn, const floating* w, const floating* bias,
                                 floating* o, idx_t od, idx_t oh, idx_t ow0, idx_t cb) noexcept nogil:
-    """DW_PIX interior pixels x DW_BLOCK channels of a depthwise NHWC row, accumulators in registers.
-
-    Interior: every kernel tap of the DW_PIX pixels falls inside the input along W, so no test per tap and pixel.
-    """
-    cdef floating acc[DW_PIX * DW_BLOCK]
-    cdef idx_t kd, kh, kw, id_, ih, p, j, C = g.C, step = g.SW * g.C
-    cdef const floating* wrow
-    cdef const floating* xb
-    for p in range(DW_PIX):
-        for j in range(DW_BLOCK):
-            acc[p * DW_BLOCK + j] = bias[cb + j]
-    for kd in range(g.KD):
-        id_ = od * g.SD - g.PD + kd * g.DD
-        if <size_t> id_ >= <size_t> g.D:
-            continue
-        for kh in range(g.KH):
-            ih = oh * g.SH - g.PH + kh * g.DH
-            if <size_t> ih >= <size_t> g.H:
-                continue
-            for kw in range(g.KW):
-                wrow = w + ((kd * g.KH + kh) * g.KW + kw) * g.Cout + cb
-                xb = xn + ((id_ * g.H + ih) * g.W + ow0 * g.SW - g.PW + kw * g.DW) * C + cb
-                for p in range(DW_PIX):
-                    for j in range(DW_BLOCK):
-                        acc[p * DW_BLOCK + j] += xb[p * step + j] * wrow[j]
-    for p in range(DW_PIX):
-        for j in range(DW_BLOCK):
-            o[p * g.Cout + cb + j] = acc[p * DW_BLOCK + j]
+    """CC_DW_PIX interior pixels x one channel block (see _dw_simd.h): accumulators in registers across all taps."""
+    if floating is float:
+        cc_dw_block_f32(xn, w, bias, o, od, oh, ow0, cb, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
+                        g.PD, g.PH, g.PW, g.D, g.H, g.W, g.C, g.Cout)
+    else:
+        cc_dw_block_f64(xn, w, bias, o, od, oh, ow0, cb, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
+                        g.PD, g.PH, g.PW, g.D, g.H, g.W, g.C, g.Cout)
 
 
 cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* w, const floating* bias,
@@ -418,25 +404,27 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     """One output row (n, od, oh) of a depthwise layer in NHWC, vectorized over the contiguous channels.
 
     Interior pixels (all taps inside the input along W) with channel multiplier 1 go through _dw_nhwc_block:
-    DW_PIX pixels x DW_BLOCK channels held in registers across all taps. Border pixels, leftover channels and
+    CC_DW_PIX pixels x one channel block held in registers across all taps. Border pixels, leftover channels and
     multipliers > 1 take the plain loop, which accumulates in the output. `bias` is never NULL here (zeros when the
     layer has none).
     """
     cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
     cdef floating* orow = out + it * g.OW * g.Cout
     cdef idx_t ow, ow0, c, blk, C = g.C, Cout = g.Cout, KW = g.KW, W = g.W
-    cdef idx_t cfull = (C // DW_BLOCK) * DW_BLOCK if g.Cog == 1 else 0
+    # Channels per register block: 16 floats or 8 doubles (two 256-bit vectors), as in _dw_simd.h.
+    cdef idx_t block = 16 if floating is float else 8
+    cdef idx_t cfull = (C // block) * block if g.Cog == 1 else 0
     cdef const floating* xn = x + n * g.D * g.H * g.W * C
     cdef bint interior
     ow = 0
     while ow < g.OW:
-        interior = (cfull > 0 and ow + DW_PIX <= g.OW and ow * g.SW - g.PW >= 0
-                    and (ow + DW_PIX - 1) * g.SW - g.PW + (KW - 1) * g.DW < W)
+        interior = (cfull > 0 and ow + CC_DW_PIX <= g.OW and ow * g.SW - g.PW >= 0
+                    and (ow + CC_DW_PIX - 1) * g.SW - g.PW + (KW - 1) * g.DW < W)
         if interior:
-            for blk in range(cfull // DW_BLOCK):
-                _dw_nhwc_block(g, xn, w, bias, orow + ow * Cout, od, oh, ow, blk * DW_BLOCK)
+            for blk in range(cfull // block):
+                _dw_nhwc_block(g, xn, w, bias, orow + ow * Cout, od, oh, ow, blk * block)
             ow0 = ow
-            ow += DW_PIX
+            ow += CC_DW_PIX
             c = cfull      # channels left for the plain loop below
         else:
             ow0 = ow

@@ -557,7 +557,7 @@ def bench_row(layer, n, args):
     cc, algo = convcore_contenders(d, args.threads, per_call=not args.no_per_call)
     contenders = cc + torch_contenders(d) + ort_contenders(d, args.threads) + [gemm_contender(d)]
     bad = check_outputs(d, contenders)
-    samples = time_contenders(contenders, args.repeats, args.pause)
+    samples = time_contenders(contenders, args.repeats, args.pause, warmup_s=0.05 if args.quick else 0.2)
     flops = layer.flops(n)
     res = {"id": row_id(layer, n), "layer": layer, "n": n, "algo": algo, "flops": flops, "bad": bad,
            "gflops": {}, "seconds": {}, "spread": {}}
@@ -734,7 +734,8 @@ def format_table(results, mem):
         check = NA if r["bad"] is None else ("ok" if not r["bad"] else "WRONG: " + ", ".join(r["bad"]))
         cells = [r["id"], r["layer"].label, r["algo"], f"{r['flops'] / 1e6:.0f}"]
         cells += [_fmt(g.get(c), 1) for c, _ in CONTENDERS]
-        cells += [_fmt(r["ratio"]["NCHW"], 2), _fmt(r["ratio"]["NHWC"], 2), f"{100 * _row_spread(r):.0f}" + (" (2nd run)" if r.get("rerun") else ""), mem_cell, check]
+        spread = f"{100 * _row_spread(r):.0f}" + (" (2nd run)" if r.get("rerun") else "")
+        cells += [_fmt(r["ratio"]["NCHW"], 2), _fmt(r["ratio"]["NHWC"], 2), spread, mem_cell, check]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
