@@ -104,8 +104,6 @@ class ConvPlan:
             if bias.dtype != self.dtype:
                 raise TypeError(f"bias has dtype {bias.dtype}, kernel has {self.dtype}: they must match "
                                 f"(no silent casts)")
-            if bias.ndim != 1:
-                raise ValueError(f"bias must be 1-D (one value per output channel), got shape {bias.shape}")
         if algorithm not in ("auto", "im2col", "general"):
             raise ValueError(f"algorithm must be 'auto', 'im2col' or 'general', got {algorithm!r}")
         if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
@@ -115,7 +113,8 @@ class ConvPlan:
         resolve_num_threads(num_threads)  # validate now, resolve per call (the small-work cut-off needs the batch)
         geo = normalize(x_shape, kernel.shape, None if bias is None else bias.shape, strides=strides,
                         padding=padding, dilation=dilation, groups=groups, data_format=data_format,
-                        kernel_layout=kernel_layout, activation=activation, expect_rank=_expect_rank)
+                        kernel_layout=kernel_layout, activation=activation, expect_rank=_expect_rank,
+                        max_output_bytes=_max_output_bytes, itemsize=self.dtype.itemsize)
         self.geometry = geo
         self.input_shape = tuple(int(s) for s in x_shape)
         nsp = geo.nsp
@@ -291,9 +290,6 @@ def _conv(x, kernel, bias, expect_rank, out=None, **options):
     if kernel.dtype != x.dtype:
         raise TypeError(f"kernel has dtype {kernel.dtype}, x has {x.dtype}: they must match (the output has the "
                         f"input's dtype; no silent casts)")
-    # The output-size guard runs before the plan touches the weights.
-    normalize(x.shape, kernel.shape, None, expect_rank=expect_rank, max_output_bytes=_max_output_bytes,
-              itemsize=x.dtype.itemsize, **{k: v for k, v in options.items() if k != "num_threads"})
     plan = ConvPlan(x.shape, kernel, bias, _expect_rank=expect_rank, **options)
     return plan.run(x, out=out)
 

@@ -168,7 +168,10 @@ cdef void _im2col_nchw(const Geom* g, const floating* xg, floating* col, idx_t p
                 memset(dst, 0, seg * sizeof(floating))
             else:
                 src = xg + ci * DHW + id_ * HW + ih * g.W + koff
+                # Copy range [a, b) clipped to this segment [ow, ow + seg): a tile may end inside the padding.
                 a = lo if lo > ow else ow
+                if a > ow + seg:
+                    a = ow + seg
                 b = hi if hi < ow + seg else ow + seg
                 if b < a:
                     b = a

@@ -252,7 +252,8 @@ def normalize(x_shape, kernel_shape, bias_shape=None, *, strides=1, padding="val
     # BLAS takes 32-bit ints: refuse sizes it cannot express rather than let them wrap.
     ck = (C // groups) * math.prod(ksize)
     if max(math.prod(out_spatial), ck, C * math.prod(spatial) // max(1, min(spatial)), Cout) > _INT32_MAX:
-        raise ValueError(f"layer too large for 32-bit BLAS indices (x shape {x_shape}, kernel shape {kernel_shape})")
+        raise ValueError(f"layer too large for 32-bit BLAS indices: x shape {x_shape}, kernel shape {kernel_shape}, "
+                         f"padding {pads} give output spatial size {out_spatial}")
     return geo
 
 

@@ -396,7 +396,9 @@ def torch_contenders(d):
 
     x_cf = torch.from_numpy(d.x_cf)
     w = torch.from_numpy(d.w_oi)
-    res = [Contender("torch NCHW", make(x_cf, w), lambda r: r.numpy())]
+    # With a symmetric stand-in for asymmetric pads the values are shifted by a pixel: only check exact ones.
+    exact = pad is None or all(b == e for b, e in ly.pads)
+    res = [Contender("torch NCHW", make(x_cf, w), (lambda r: r.numpy()) if exact else None)]
     if ly.nsp == 1:
         # No channels_last memory format for 3-D tensors: NWC data as a permuted (N, C, W) view, as a user holding
         # NWC data would call it.
@@ -404,7 +406,7 @@ def torch_contenders(d):
     else:
         fmt = torch.channels_last if ly.nsp == 2 else torch.channels_last_3d
         x_cl, w_cl = x_cf.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
-    res.append(Contender("torch CL", make(x_cl, w_cl), lambda r: r.contiguous().numpy()))
+    res.append(Contender("torch CL", make(x_cl, w_cl), (lambda r: r.contiguous().numpy()) if exact else None))
     return res
 
 
