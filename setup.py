@@ -74,15 +74,50 @@ def _extensions():
     return cythonize(exts, compiler_directives=directives, quiet=True)
 
 
+def _stage_protos(proto_dir, stage_dir):
+    """Copy proto/ to `stage_dir/convproto/`, rewriting imports between our own files to their `convproto/` paths.
+
+    protoc names each generated module after the path a .proto file was found at, and turns every `import "a/b.proto"`
+    into `from a import b_pb2`. For the stubs to import each other as `convproto.<path>`, every path protoc sees must
+    start with `convproto/`. A `-Iconvproto=proto` mapping gives that to the files named on the command line, but an
+    import written the published way (Triton's grpc_service.proto says `import "model_config.proto"`, a sibling) is
+    then unresolvable. So the files are staged, and only in the staged copy is such an import rewritten to
+    `convproto/<dir>/model_config.proto`; proto/ itself keeps the published text. Imports that do not name one of our
+    files (google/protobuf/...) are left alone.
+    """
+    import re
+
+    pattern = re.compile(r'^(\s*import\s+(?:public\s+|weak\s+)?")([^"]+)(";)', re.MULTILINE)
+    staged = []
+    for path in sorted(glob.glob(os.path.join(proto_dir, "**", "*.proto"), recursive=True)):
+        rel = os.path.relpath(path, proto_dir).replace(os.sep, "/")
+        rel_dir = os.path.dirname(rel)
+
+        def rewrite(match, rel_dir=rel_dir):
+            target = match.group(2)
+            for candidate in (os.path.normpath(os.path.join(rel_dir, target)).replace(os.sep, "/"), target):
+                if os.path.isfile(os.path.join(proto_dir, candidate)):
+                    return f"{match.group(1)}{GENERATED_PKG}/{candidate}{match.group(3)}"
+            return match.group(0)
+
+        with open(path, encoding="utf-8") as f:
+            text = pattern.sub(rewrite, f.read())
+        dest = os.path.join(stage_dir, GENERATED_PKG, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text)
+        staged.append(f"{GENERATED_PKG}/{rel}")
+    return staged
+
+
 def generate_stubs():
     """Generate the protobuf/gRPC Python stubs from proto/ into the convproto package.
 
-    `-Iconvproto=proto` maps proto/ onto the virtual prefix convproto/, so the generated modules import each other as
-    `convproto.<path>` and the whole tree is one importable package, apart from hand-written code.
+    Every file under proto/ becomes `convproto.<path>_pb2` (+ `_pb2_grpc`, `.pyi`), one importable package apart from
+    hand-written code, never edited by hand. See `_stage_protos` for how imports between the .proto files are resolved.
     """
     proto_dir = os.path.join(HERE, "proto")
-    protos = sorted(glob.glob(os.path.join(proto_dir, "**", "*.proto"), recursive=True))
-    if not protos:
+    if not glob.glob(os.path.join(proto_dir, "**", "*.proto"), recursive=True):
         return
     from grpc_tools import protoc
     import grpc_tools
@@ -92,11 +127,12 @@ def generate_stubs():
         shutil.rmtree(out)
     os.makedirs(out)
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    rel = [GENERATED_PKG + "/" + os.path.relpath(p, proto_dir).replace(os.sep, "/") for p in protos]
-    args = ["grpc_tools.protoc", f"-I{GENERATED_PKG}={proto_dir}", f"-I{well_known}",
-            f"--python_out={HERE}", f"--grpc_python_out={HERE}", f"--pyi_out={HERE}"] + rel
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed on " + " ".join(rel))
+    with tempfile.TemporaryDirectory() as stage:
+        rel = _stage_protos(proto_dir, stage)
+        args = ["grpc_tools.protoc", f"-I{stage}", f"-I{well_known}",
+                f"--python_out={HERE}", f"--grpc_python_out={HERE}", f"--pyi_out={HERE}"] + rel
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed on " + " ".join(rel))
     for dirpath, _dirs, _files in os.walk(out):
         init = os.path.join(dirpath, "__init__.py")
         if not os.path.exists(init):
@@ -147,10 +183,12 @@ setup(
         "numpy>=1.26",
         "scipy>=1.11",
         "threadpoolctl>=3.1",
-        "grpcio>=1.60",
-        "grpcio-health-checking>=1.60",
-        "grpcio-reflection>=1.60",
-        "protobuf>=4.25",
+        # The stubs in convproto/ are generated at build time by the newest grpcio-tools (1.85.x -> protobuf 7.35
+        # gencode), and generated code refuses an older runtime: keep these floors at the generator's versions.
+        "grpcio>=1.85.1",
+        "grpcio-health-checking>=1.85.1",
+        "grpcio-reflection>=1.85.1",
+        "protobuf>=7.35.1",
         "prometheus-client>=0.19",
     ],
     extras_require={

@@ -1,0 +1,20 @@
+"""The convolution gRPC server: our ConvService, the Open Inference Protocol (KServe v2), health and reflection.
+
+Run it with ``python -m server [--host 0.0.0.0] [--port 50051] [--model-repository DIR] [--workers N]
+[--max-message-mb 256]``, or build one in-process with `create_server`.
+"""
+from ._app import ConvServer, create_server
+from ._config import DEFAULT_ADDRESS, ServerConfig
+from ._errors import InvalidArgument, LimitExceeded, ModelNotFound, RequestCancelled, status_for
+
+__all__ = [
+    "ConvServer",
+    "DEFAULT_ADDRESS",
+    "InvalidArgument",
+    "LimitExceeded",
+    "ModelNotFound",
+    "RequestCancelled",
+    "ServerConfig",
+    "create_server",
+    "status_for",
+]

@@ -1,0 +1,94 @@
+"""``python -m server``: serve until SIGTERM/SIGINT, then drain in-flight calls and exit 0."""
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from ._app import create_server
+from ._config import ServerConfig, _default_repository
+
+log = logging.getLogger("server")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    """Parse the command line into (address, ServerConfig, port_file, log_level)."""
+    defaults = ServerConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    p.add_argument("--port", type=int, default=50051, help="port (0: pick a free one; see --port-file)")
+    p.add_argument("--model-repository", default=_default_repository(), metavar="DIR",
+                   help="folder of registered models ($CONVSERVICE_MODEL_REPOSITORY overrides the default)")
+    p.add_argument("--workers", type=_positive_int, default=defaults["workers"].default, metavar="N",
+                   help="threads serving RPCs (compute runs on its own bounded executor)")
+    p.add_argument("--max-message-mb", type=_positive_int, default=defaults["max_message_mb"].default, metavar="MB",
+                   help="largest request/response message, MiB")
+    p.add_argument("--omp-threads", type=_positive_int, default=None, metavar="N",
+                   help="OpenMP threads per convolution; %(default)s = convcore's choice (all usable cores)")
+    p.add_argument("--compute-slots", type=_positive_int, default=None, metavar="N",
+                   help="convolutions at once; %(default)s = usable cores // OpenMP threads")
+    p.add_argument("--grace", type=float, default=defaults["grace_seconds"].default, metavar="SECONDS",
+                   help="seconds in-flight calls may take to finish on shutdown")
+    p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
+                   metavar="N",
+                   help="max_batch_size of every model in the KServe v2 / Triton API")
+    p.add_argument("--port-file", default=None, metavar="PATH",
+                   help="write the bound port to PATH once serving (useful with --port 0)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    config = ServerConfig(model_repository=args.model_repository, workers=args.workers,
+                          max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
+                          compute_slots=args.compute_slots, grace_seconds=args.grace,
+                          kserve_max_batch_size=args.max_batch_size)
+    return f"{host}:{args.port}", config, args.port_file, args.log_level
+
+
+def _write_port_file(path, port):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, path)  # readers never see a half-written number
+
+
+def main(argv=None):
+    """Run the server; return the process exit code."""
+    address, config, port_file, log_level = parse_args(argv)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server, port = create_server(address, config)
+    except (RuntimeError, ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    server.start()
+    if port_file:
+        _write_port_file(port_file, port)
+    log.info("serving; SIGTERM or SIGINT stops")
+    while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+        pass
+    log.info("%s received: stopping (grace %.1f s for in-flight calls)", received[0], config.grace_seconds)
+    server.stop(config.grace_seconds).wait()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

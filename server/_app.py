@@ -1,0 +1,150 @@
+"""Server construction in one function, `create_server(address, config)`, and the object it returns."""
+import concurrent.futures
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import convcore
+from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
+from convproto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+
+from ._compute import ComputeExecutor
+from ._config import DEFAULT_ADDRESS, MIB, ServerConfig
+from ._engine import Engine
+from ._errors import ErrorMappingInterceptor
+from ._kserve import KServeServicer
+from ._repository import ModelRepository
+from ._servicer import ConvServicer
+
+__all__ = ["create_server", "ConvServer", "SERVICE_NAMES"]
+
+log = logging.getLogger("server")
+
+try:
+    from importlib.metadata import version as _dist_version
+    VERSION = _dist_version("convcore-service")
+except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+    VERSION = getattr(convcore, "__version__", "0")
+
+SERVICE_NAMES = (
+    conv_pb2.DESCRIPTOR.services_by_name["ConvService"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+class ConvServer:
+    """A started-or-not gRPC server with its model repository, compute executor and health state.
+
+    Behaves like the `grpc.Server` it wraps (`start`, `stop`, `wait_for_termination`, ...); `stop` also flips
+    health to NOT_SERVING first and shuts the compute executor down once in-flight calls are done.
+    """
+
+    def __init__(self, grpc_server, config, repository, executor, health_servicer):
+        self._server = grpc_server
+        self.config = config
+        self.repository = repository
+        self.executor = executor
+        self.health = health_servicer
+        self._stopping = False
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+
+    @property
+    def ready(self):
+        return not self._stopping
+
+    def start(self):
+        self._server.start()
+        return self
+
+    def stop(self, grace=None):
+        """Stop accepting calls, let in-flight calls finish within `grace` seconds; returns a threading.Event."""
+        self._stopping = True
+        self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while in-flight calls drain
+        done = self._server.stop(self.config.grace_seconds if grace is None else grace)
+
+        def _release_executor():
+            done.wait()
+            self.executor.shutdown(wait=False)
+
+        threading.Thread(target=_release_executor, name="shutdown", daemon=True).start()
+        return done
+
+
+def _bind(server, address, credentials):
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if not port:
+        raise RuntimeError(f"could not bind {address!r} (is the port in use?)")
+    return port
+
+
+def create_server(address=DEFAULT_ADDRESS, config=None):
+    """Build the server: our ConvService, KServe v2, health and reflection on one port, not yet started.
+
+    Parameters
+    ----------
+    address : str
+        ``host:port`` to bind; port 0 picks a free port (see the returned port).
+    config : ServerConfig, optional
+        Everything else (repository folder, threads, limits, interceptors, TLS); defaults to ``ServerConfig()``.
+
+    Returns
+    -------
+    (ConvServer, int)
+        The server (call ``start()``) and the port it is bound to.
+
+    Raises
+    ------
+    RuntimeError
+        If the address cannot be bound.
+    """
+    config = config or ServerConfig()
+    repository = ModelRepository(config.model_repository, plan_cache_size=config.plan_cache_size)
+    loaded, skipped = repository.load_all()
+    executor = ComputeExecutor(config.omp_threads, config.compute_slots)
+    engine = Engine(repository, executor, config.max_message_bytes)
+
+    limit = config.max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # Not SO_REUSEPORT: two servers silently sharing a port would split traffic between repositories.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ] + list(config.grpc_options)
+    grpc_server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        interceptors=list(config.interceptors) + [ErrorMappingInterceptor()],
+        options=options,
+    )
+    health_servicer = health.HealthServicer()
+    server = ConvServer(grpc_server, config, repository, executor, health_servicer)
+
+    conv_pb2_grpc.add_ConvServiceServicer_to_server(ConvServicer(engine), grpc_server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(engine, config.kserve_max_batch_size, VERSION, lambda: server.ready), grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    for name in ("",) + SERVICE_NAMES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        grpc_server)
+    try:
+        port = _bind(grpc_server, address, config.server_credentials)
+    except Exception:
+        executor.shutdown(wait=False)
+        raise
+
+    log.info("listening on %s:%d%s", address.rsplit(":", 1)[0], port, " (TLS)" if config.server_credentials else "")
+    log.info("model repository: %s", repository.root)
+    log.info("models loaded: %d%s", len(loaded), f" ({', '.join(loaded)})" if loaded else "")
+    if skipped:
+        log.warning("model files skipped as corrupt: %s", ", ".join(skipped))
+    log.info("threads: %d RPC workers, %d compute slot(s) x %d OpenMP thread(s) (OpenMP %s)", config.workers,
+             executor.slots, executor.team, "enabled" if convcore.openmp_enabled() else "not built in")
+    log.info("message limit: %d MiB each way", limit // MIB)
+    return server, port

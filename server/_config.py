@@ -1,0 +1,80 @@
+"""Server configuration: one object that `create_server` takes, so new features add a field, not a parameter."""
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["ServerConfig", "DEFAULT_ADDRESS", "DEFAULT_MODEL_REPOSITORY", "MIB"]
+
+MIB = 1 << 20
+DEFAULT_ADDRESS = "0.0.0.0:50051"
+#: Where registered models are kept unless --model-repository / $CONVSERVICE_MODEL_REPOSITORY says otherwise:
+#: ./models under the directory the server is started from (ignored by git).
+DEFAULT_MODEL_REPOSITORY = "models"
+
+
+def _default_repository():
+    return os.environ.get("CONVSERVICE_MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY)
+
+
+@dataclass
+class ServerConfig:
+    """Everything `create_server` needs besides the address.
+
+    Attributes
+    ----------
+    model_repository : str
+        Folder holding the registered models (created if missing).
+    workers : int
+        Threads serving RPCs (decoding, encoding, queueing). Compute does not run on them: it runs on a separate
+        executor of ``compute_slots`` threads, so these threads never multiply with the OpenMP team.
+    max_message_mb : int
+        Largest message accepted or sent, in MiB (gRPC's own default is 4 MiB).
+    omp_threads : int or None
+        OpenMP threads per convolution; None lets convcore choose (all usable cores, fewer for small work).
+    compute_slots : int or None
+        Convolutions running at once; None: usable cores // OpenMP threads (at least 1), so that concurrent calls
+        never oversubscribe the cores.
+    grace_seconds : float
+        On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled.
+    kserve_max_batch_size : int
+        ``max_batch_size`` advertised (and enforced) in the KServe v2 / Triton API; must be > 0.
+    plan_cache_size : int
+        convcore plans kept per registered model (one per distinct input shape, least recently used dropped).
+    interceptors : list of grpc.ServerInterceptor
+        Extra interceptors (metrics, authentication, limits), outermost first. The error-mapping interceptor is
+        always added after them, innermost, so they observe the final status of every call.
+    server_credentials : grpc.ServerCredentials or None
+        TLS credentials for the port; None serves plaintext.
+    grpc_options : list of (str, value)
+        Extra gRPC server channel arguments, applied after the defaults (so they can override them).
+    """
+
+    model_repository: str = field(default_factory=_default_repository)
+    workers: int = 8
+    max_message_mb: int = 256
+    omp_threads: int | None = None
+    compute_slots: int | None = None
+    grace_seconds: float = 10.0
+    kserve_max_batch_size: int = 64
+    plan_cache_size: int = 8
+    interceptors: list = field(default_factory=list)
+    server_credentials: object = None
+    grpc_options: list = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("workers", "max_message_mb", "kserve_max_batch_size", "plan_cache_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerConfig.{name} must be a positive int, got {value!r}")
+        for name in ("omp_threads", "compute_slots"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ServerConfig.{name} must be a positive int or None, got {value!r}")
+        if self.max_message_mb > 2047:
+            raise ValueError(f"ServerConfig.max_message_mb must be at most 2047 (gRPC's 2 GiB message limit), "
+                             f"got {self.max_message_mb}")
+        if not self.grace_seconds >= 0:
+            raise ValueError(f"ServerConfig.grace_seconds must be >= 0, got {self.grace_seconds!r}")
+
+    @property
+    def max_message_bytes(self):
+        return self.max_message_mb * MIB

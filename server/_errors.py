@@ -1,0 +1,102 @@
+"""Domain exceptions and the one place that turns exceptions into gRPC status codes.
+
+Servicers never pick a status code themselves: they raise, and `ErrorMappingInterceptor` (always the innermost
+interceptor) maps what they raised. Anything unexpected becomes INTERNAL with a fixed message and a reference that
+points at the traceback in the server log, so internals never leak to clients.
+"""
+import logging
+import uuid
+
+import grpc
+
+__all__ = [
+    "InvalidArgument",
+    "LimitExceeded",
+    "ModelNotFound",
+    "RequestCancelled",
+    "ErrorMappingInterceptor",
+    "status_for",
+]
+
+log = logging.getLogger("server")
+
+INTERNAL_MESSAGE = "internal server error"
+
+
+class InvalidArgument(ValueError):
+    """A request field holds a bad value; the message names the field, the value and what was expected."""
+
+
+class ModelNotFound(LookupError):
+    """No model of that name is registered."""
+
+    def __init__(self, name, message=None):
+        super().__init__(message or f"model {name!r} is not registered (see ListModels for the registered ones)")
+        self.name = name
+
+
+class LimitExceeded(Exception):
+    """A request would exceed a configured limit (message size, output size, ...)."""
+
+
+class RequestCancelled(Exception):
+    """The client went away (cancelled, disconnected or past its deadline) before the work was done."""
+
+
+def status_for(exc):
+    """Return the (grpc.StatusCode, message) a client sees for exception `exc`.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What a servicer raised.
+
+    Returns
+    -------
+    (grpc.StatusCode, str)
+        ValueError/TypeError (bad spec or tensor, including convcore's own checks) -> INVALID_ARGUMENT;
+        ModelNotFound -> NOT_FOUND; LimitExceeded and MemoryError -> RESOURCE_EXHAUSTED; RequestCancelled ->
+        CANCELLED; anything else -> INTERNAL with a fixed message (the traceback is logged with a reference).
+    """
+    if isinstance(exc, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; send less data"
+    if isinstance(exc, RequestCancelled):
+        return grpc.StatusCode.CANCELLED, str(exc) or "request cancelled"
+    # convcore raises ValueError/TypeError naming the argument, the value and what was expected, before computing.
+    if isinstance(exc, (ValueError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE} (ref {ref}; the traceback is in the server log)"
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Wrap every unary-unary handler so that whatever it raises reaches the client as `status_for(exc)`."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming handlers (reflection, health Watch) map their own errors
+        behavior = handler.unary_unary
+        method = handler_call_details.method
+
+        def mapped(request, context):
+            try:
+                return behavior(request, context)
+            except Exception as exc:  # noqa: BLE001 - this is the one place that maps everything
+                if context.code() is not None:
+                    raise  # the handler already aborted with its own status (context.abort raises)
+                code, message = status_for(exc)
+                if code != grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback already
+                    log.info("%s -> %s: %s", method, code.name, message)
+                context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            mapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
