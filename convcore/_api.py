@@ -228,11 +228,14 @@ class ConvPlan:
         else:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
-            if out.shape != out_shape or out.dtype != self.dtype:
-                raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}, expected shape {out_shape} "
-                                 f"and dtype {self.dtype}")
-            if not out.flags.c_contiguous or not out.flags.writeable:
-                raise ValueError("out must be C-contiguous and writeable")
+            if out.dtype != self.dtype:
+                raise TypeError(f"out has dtype {out.dtype}, expected {self.dtype} (the input's dtype)")
+            if out.shape != out_shape:
+                raise ValueError(f"out has shape {out.shape}, expected {out_shape}")
+            if not out.flags.c_contiguous:
+                raise ValueError(f"out must be C-contiguous, got strides {out.strides} for shape {out.shape}")
+            if not out.flags.writeable:
+                raise ValueError("out is read-only; pass a writeable array")
             if np.shares_memory(out, x):
                 raise ValueError("out must not overlap x")
         x = np.ascontiguousarray(x)
