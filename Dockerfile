@@ -49,4 +49,5 @@ VOLUME ["/models"]
 EXPOSE 50051 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "server.healthcheck", "--port", "50051"]
-CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "50051", "--model-repository", "/models"]
+CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "50051", \
+     "--model-repository", "/models", "--metrics-port", "8002"]

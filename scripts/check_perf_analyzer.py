@@ -44,7 +44,7 @@ def _start_server(tmp):
     port_file = os.path.join(tmp, "port")
     log = open(os.path.join(tmp, "server.log"), "wb")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file",
-                             port_file, "--model-repository", os.path.join(tmp, "models")],
+                             port_file, "--metrics-port", "0", "--model-repository", os.path.join(tmp, "models")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while not os.path.exists(port_file):

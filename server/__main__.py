@@ -19,6 +19,13 @@ def _positive_int(text):
     return value
 
 
+def _port(text):
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     """Parse the command line into (address, ServerConfig, port_file, log_level)."""
     defaults = ServerConfig.__dataclass_fields__
@@ -41,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
                    metavar="N",
                    help="max_batch_size of every model in the KServe v2 / Triton API")
+    p.add_argument("--metrics-port", type=_port, default=8002, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: pick a free one)")
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="write the bound port to PATH once serving (useful with --port 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -49,7 +58,7 @@ def parse_args(argv=None):
     config = ServerConfig(model_repository=args.model_repository, workers=args.workers,
                           max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
                           compute_slots=args.compute_slots, grace_seconds=args.grace,
-                          kserve_max_batch_size=args.max_batch_size)
+                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port)
     return f"{host}:{args.port}", config, args.port_file, args.log_level
 
 

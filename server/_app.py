@@ -16,6 +16,7 @@ from ._config import DEFAULT_ADDRESS, MIB, ServerConfig
 from ._engine import Engine
 from ._errors import ErrorMappingInterceptor
 from ._kserve import KServeServicer
+from ._metrics import MetricsInterceptor, ServerMetrics, serve_metrics
 from ._repository import ModelRepository
 from ._servicer import ConvServicer
 
@@ -42,12 +43,15 @@ class ConvServer:
     health to NOT_SERVING first and shuts the compute executor down once in-flight calls are done.
     """
 
-    def __init__(self, grpc_server, config, repository, executor, health_servicer):
+    def __init__(self, grpc_server, config, repository, executor, health_servicer, metrics):
         self._server = grpc_server
         self.config = config
         self.repository = repository
         self.executor = executor
         self.health = health_servicer
+        self.metrics = metrics
+        self.metrics_port = None  # the bound HTTP port of /metrics, when served
+        self._metrics_httpd = None
         self._stopping = False
 
     def __getattr__(self, name):
@@ -70,6 +74,9 @@ class ConvServer:
         def _release_executor():
             done.wait()
             self.executor.shutdown(wait=False)
+            if self._metrics_httpd is not None:  # kept up while calls drain, so the drain can be watched
+                self._metrics_httpd.shutdown()
+                self._metrics_httpd.server_close()
 
         threading.Thread(target=_release_executor, name="shutdown", daemon=True).start()
         return done
@@ -105,7 +112,9 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     config = config or ServerConfig()
     repository = ModelRepository(config.model_repository, plan_cache_size=config.plan_cache_size)
     loaded, skipped = repository.load_all()
-    executor = ComputeExecutor(config.omp_threads, config.compute_slots)
+    metrics = ServerMetrics()
+    metrics.track_models(lambda: len(repository.names()))
+    executor = ComputeExecutor(config.omp_threads, config.compute_slots, observe=metrics.observe_job)
     engine = Engine(repository, executor, config.max_message_bytes)
 
     limit = config.max_message_bytes
@@ -119,11 +128,12 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     ] + list(config.grpc_options)
     grpc_server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-        interceptors=list(config.interceptors) + [ErrorMappingInterceptor()],
+        # Metrics outside the error mapping, so they record the status the client gets.
+        interceptors=list(config.interceptors) + [MetricsInterceptor(metrics), ErrorMappingInterceptor()],
         options=options,
     )
     health_servicer = health.HealthServicer()
-    server = ConvServer(grpc_server, config, repository, executor, health_servicer)
+    server = ConvServer(grpc_server, config, repository, executor, health_servicer, metrics)
 
     conv_pb2_grpc.add_ConvServiceServicer_to_server(ConvServicer(engine), grpc_server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -135,6 +145,9 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
                                         grpc_server)
     try:
         port = _bind(grpc_server, address, config.server_credentials)
+        if config.metrics_port is not None:
+            server._metrics_httpd, server.metrics_port = serve_metrics(metrics, address.rsplit(":", 1)[0],
+                                                                       config.metrics_port)
     except Exception:
         executor.shutdown(wait=False)
         raise
@@ -147,4 +160,6 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     log.info("threads: %d RPC workers, %d compute slot(s) x %d OpenMP thread(s) (OpenMP %s)", config.workers,
              executor.slots, executor.team, "enabled" if convcore.openmp_enabled() else "not built in")
     log.info("message limit: %d MiB each way", limit // MIB)
+    if server.metrics_port is not None:
+        log.info("metrics: http://%s:%d/metrics", address.rsplit(":", 1)[0], server.metrics_port)
     return server, port

@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -87,25 +88,29 @@ class ComputeExecutor:
         OpenMP threads per convolution (None: convcore's choice, i.e. all usable cores).
     slots : int or None
         Jobs running at once (None: usable cores // OpenMP threads, at least 1).
+    observe : callable, optional
+        ``observe(label, queued_seconds, run_seconds)`` after every job that started (metrics).
     """
 
-    def __init__(self, omp_threads=None, slots=None):
+    def __init__(self, omp_threads=None, slots=None, observe=None):
         self.omp_threads = omp_threads
+        self._observe = observe
         team = convcore.resolve_num_threads(omp_threads)
         cores = convcore.resolve_num_threads(-1)
         self.team = team
         self.slots = slots or max(1, cores // team)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="compute")
 
-    def run(self, context, fn, *args):
+    def run(self, context, fn, *args, label=""):
         """Run ``fn(token, *args)`` on the pool for the RPC `context`; return its result.
 
+        `label` names the job in the metrics (the model name; "" for a one-off convolution).
         Raises RequestCancelled if the RPC ends before the job completes (the job is dropped if still queued).
         """
         if not context.is_active():
             raise RequestCancelled("the client cancelled the call or its deadline passed")
         token = CancelToken()
-        future = self._pool.submit(self._guarded, token, fn, args)
+        future = self._pool.submit(self._guarded, token, fn, args, label, time.perf_counter())
 
         def on_rpc_done():
             token.cancel()
@@ -120,10 +125,15 @@ class ComputeExecutor:
         except concurrent.futures.CancelledError:
             raise RequestCancelled("the client cancelled the call or its deadline passed") from None
 
-    @staticmethod
-    def _guarded(token, fn, args):
+    def _guarded(self, token, fn, args, label, submitted):
         token.check()
-        return fn(token, *args)
+        if self._observe is None:
+            return fn(token, *args)
+        started = time.perf_counter()
+        try:
+            return fn(token, *args)
+        finally:
+            self._observe(label, started - submitted, time.perf_counter() - started)
 
     def shutdown(self, wait=True):
         self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -46,6 +46,10 @@ class ServerConfig:
         TLS credentials for the port; None serves plaintext.
     grpc_options : list of (str, value)
         Extra gRPC server channel arguments, applied after the defaults (so they can override them).
+    metrics_port : int or None
+        Serve Prometheus metrics over HTTP at ``/metrics`` on this port, on the gRPC address's host (0 picks a free
+        port); None serves none (the metrics are still collected, see ``ConvServer.metrics``). ``python -m server``
+        defaults to 8002.
     """
 
     model_repository: str = field(default_factory=_default_repository)
@@ -59,6 +63,7 @@ class ServerConfig:
     interceptors: list = field(default_factory=list)
     server_credentials: object = None
     grpc_options: list = field(default_factory=list)
+    metrics_port: int | None = None
 
     def __post_init__(self):
         for name in ("workers", "max_message_mb", "kserve_max_batch_size", "plan_cache_size"):
@@ -69,6 +74,11 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"ServerConfig.{name} must be a positive int or None, got {value!r}")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool)
+                                              or not isinstance(self.metrics_port, int)
+                                              or not 0 <= self.metrics_port < 65536):
+            raise ValueError(f"ServerConfig.metrics_port must be a port number (0: any free one) or None, got "
+                             f"{self.metrics_port!r}")
         if self.max_message_mb > 2047:
             raise ValueError(f"ServerConfig.max_message_mb must be at most 2047 (gRPC's 2 GiB message limit), "
                              f"got {self.max_message_mb}")

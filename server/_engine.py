@@ -63,5 +63,5 @@ class Engine:
         model = self.repository.get(name)
         model.check_input(x, field)
         self.check_output_size(model.output_shape(x.shape, self.executor.omp_threads), model.dtype)
-        data, shape = self.executor.run(context, model.run, x, self.executor.omp_threads)
+        data, shape = self.executor.run(context, model.run, x, self.executor.omp_threads, label=model.name)
         return model, data, shape

@@ -54,7 +54,9 @@ class ServerProcess:
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(self._log_path, "ab")
         self.proc = subprocess.Popen(
+            # --metrics-port 0: a free port, never the default 8002 another server on this machine may hold.
             [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
+             "--metrics-port", "0",
              "--model-repository", self.repository, *self.args],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -11,9 +11,11 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -77,6 +79,13 @@ def _container_ports(service):
     return ports
 
 
+def _free_port():
+    """A TCP port free on 127.0.0.1 just now (for servers whose port cannot be 0 because the test must know it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _exec_form(argument):
     """A Dockerfile exec-form argument (a JSON list) as a list."""
     return json.loads(argument)
@@ -95,11 +104,12 @@ def test_server_service_agrees_with_the_server(compose, dockerfile):
     for flag in (a for a in args if a.startswith("--")):
         assert flag in help_text, f"{flag} is not in python -m server --help"
 
-    assert _container_ports(server) == {port}, "the published/exposed port must be the one the server listens on"
+    metrics_port = _flag(args, "--metrics-port")
+    assert _container_ports(server) == {port, metrics_port}, "exposed/published ports must be the ones served"
     assert server["deploy"]["replicas"] >= 2
-    published = [str(p) for p in server["ports"]]
-    low, high = re.search(r":(\d+)-(\d+):", published[0]).groups()
-    assert int(high) - int(low) + 1 >= server["deploy"]["replicas"], "one published host port per replica"
+    for published in map(str, server["ports"]):
+        low, high = re.search(r":(\d+)-(\d+):", published).groups()
+        assert int(high) - int(low) + 1 >= server["deploy"]["replicas"], f"{published}: one host port per replica"
 
     volume, mount = server["volumes"][0].split(":")[:2]
     assert mount == _flag(args, "--model-repository")
@@ -113,7 +123,7 @@ def test_server_service_agrees_with_the_server(compose, dockerfile):
     runtime = dict(dockerfile[-1][1])  # the last stage; the last of each instruction wins, as in Docker
     assert _exec_form(runtime["CMD"]) == server["command"]
     assert _exec_form(runtime["HEALTHCHECK"].split("CMD", 1)[1].strip()) == test[1:]
-    assert port in runtime["EXPOSE"].split()
+    assert set(runtime["EXPOSE"].split()) == {port, metrics_port}
     assert mount in runtime["VOLUME"]
 
 
@@ -150,8 +160,10 @@ def test_compose_commands_run_locally(compose, tmp_path):
     """The server, health check and load-test commands of docker-compose.yml, run here with ports remapped."""
     server_svc, loadtest_svc = compose["services"]["server"], compose["services"]["loadtest"]
     port_file = tmp_path / "port"
+    metrics_port = _free_port()
     server_cmd = _replace(_replace(_replace(server_svc["command"], "--host", "127.0.0.1"), "--port", "0"),
                           "--model-repository", str(tmp_path / "models"))
+    server_cmd = _replace(server_cmd, "--metrics-port", str(metrics_port))
     server_cmd = [sys.executable] + server_cmd[1:] + ["--port-file", str(port_file)]
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen(server_cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -180,6 +192,10 @@ def test_compose_commands_run_locally(compose, tmp_path):
         doc = json.loads((tmp_path / "loadtest.json").read_text())
         assert doc["summary"]["requests"] > 0 and doc["summary"]["errors"] == 0, doc["summary"]
         assert doc["parameters"]["target"] == f"dns:///127.0.0.1:{port}"
+        # What Prometheus would scrape from the container's metrics port.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert 'convserver_requests_total{grpc_code="OK",grpc_method="Infer"' in text
     finally:
         proc.terminate()
         rc = proc.wait(30)

@@ -84,8 +84,14 @@ _LAYOUTS = [None, "OIW", "OIHW", "OIDHW", "WIO", "HWIO", "DHWIO", "oihw", "IOHW"
 #: workspace per thread), which would also oversubscribe the shared 2-core machine.
 _THREADS = [None, 1, 2, 3, -1, np.int64(2)]
 _BAD_THREADS = [0, -2, True, 1.0, "2", [2]]
-_threads = st.one_of(st.sampled_from(_THREADS), st.sampled_from(_THREADS), st.sampled_from(_THREADS),
-                     st.sampled_from(_THREADS), st.sampled_from(_BAD_THREADS))
+
+
+def _mostly(valid, bad, tenths_bad=1):
+    """`valid` nine times in ten, else `bad` (st.one_of would not do: it merges equal branches, so no weights)."""
+    return st.integers(0, 9).flatmap(lambda i: bad if i < tenths_bad else valid)
+
+
+_threads = _mostly(st.sampled_from(_THREADS), st.sampled_from(_BAD_THREADS))
 
 
 def _floats(dtype, shape, draw, finite):
@@ -102,19 +108,22 @@ def _floats(dtype, shape, draw, finite):
 def _int_opt(nsp, small_max):
     """strides/dilation: mostly valid (an int or one per dim), sometimes not."""
     ok = st.integers(1, small_max)
-    return st.one_of(ok, st.tuples(*[ok] * nsp), st.lists(ok, min_size=nsp, max_size=nsp),
-                     st.builds(lambda v: np.array(v), st.lists(ok, min_size=nsp, max_size=nsp)),
-                     st.integers(-3, 0), st.sampled_from(_SPECIAL_INTS), hostile)
+    valid = st.one_of(ok, st.tuples(*[ok] * nsp), st.lists(ok, min_size=nsp, max_size=nsp),
+                      st.builds(lambda v: np.array(v), st.lists(ok, min_size=nsp, max_size=nsp)))
+    bad = st.one_of(st.integers(-3, 0), st.sampled_from(_SPECIAL_INTS), st.tuples(*[st.sampled_from(_SPECIAL_INTS)]
+                                                                                 * nsp), hostile)
+    return _mostly(valid, bad)
 
 
 def _padding_opt(nsp):
     pad = st.integers(0, 3)
-    return st.one_of(
-        st.sampled_from(["valid", "same", "causal", "SAME", "Valid", "full", "", "same "]), pad,
-        st.tuples(*[pad] * nsp), st.tuples(*[st.tuples(pad, pad)] * nsp),
-        st.lists(st.lists(pad, min_size=2, max_size=2), min_size=nsp, max_size=nsp),
-        st.integers(-3, -1), st.sampled_from(_SPECIAL_INTS),
-        st.tuples(*[st.tuples(st.sampled_from(_SPECIAL_INTS), pad)] * nsp), hostile)
+    valid = st.one_of(st.sampled_from(["valid", "same", "causal", "SAME", "Valid"]), pad, st.tuples(*[pad] * nsp),
+                      st.tuples(*[st.tuples(pad, pad)] * nsp),
+                      st.lists(st.lists(pad, min_size=2, max_size=2), min_size=nsp, max_size=nsp))
+    bad = st.one_of(st.sampled_from(["full", "", "same ", "causal\x00"]), st.integers(-3, -1),
+                    st.sampled_from(_SPECIAL_INTS), st.tuples(*[st.tuples(st.sampled_from(_SPECIAL_INTS), pad)] * nsp),
+                    hostile)
+    return _mostly(valid, bad)
 
 
 @st.composite
@@ -160,7 +169,7 @@ def conv_cases(draw):
         what = draw(st.sampled_from(["x", "kernel", "bias", "option", "option", "rank", "dtype", "layout", "view",
                                      "out", "groups"]))
         if what == "x":
-            x = draw(st.one_of(hostile, st.builds(lambda a: a.tolist(), st.just(x)),
+            x = draw(st.one_of(hostile, st.just(x0.tolist()),
                                st.just(np.zeros((batch, C, *spatial), dtype=draw(st.sampled_from(_BAD_DTYPES)))),
                                st.just(np.ones((0,) + x0.shape[1:], dtype)), st.just(np.ones(x0.shape[:-1] + (0,),
                                                                                              dtype))))
@@ -282,8 +291,10 @@ def check_conv_call(fn, x, kernel, bias, options, out):
 
 def compare_with_oracles(x, kernel, bias, options, y):
     """For finite data, the fast paths must agree with the general N-d path and with the float64 reference."""
-    xa, ka = np.asarray(x), np.asarray(kernel)
-    arrays = [xa, ka] + ([np.asarray(bias)] if bias is not None else [])
+    # Lists are accepted and converted with the input's dtype (so [None, None] becomes NaNs: see B5).
+    xa, ka = np.asarray(x), np.asarray(kernel, dtype=y.dtype)
+    bias = None if bias is None else np.asarray(bias, dtype=y.dtype)
+    arrays = [xa, ka] + ([bias] if bias is not None else [])
     if not all(np.isfinite(a).all() for a in arrays):
         return  # NaN/Inf propagate, but where exactly depends on the summation order: only shape/dtype checked
     tol = dict(rtol=2e-4, atol=2e-3) if y.dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
@@ -484,3 +495,12 @@ def test_known_bug_steering_is_narrow():
     """The property tests skip only options of |value| >= 2**62: make sure ordinary values are still exercised."""
     assert not _hits_known_bug({"strides": (2**61, 1), "padding": ((2**61, 0),), "dilation": 3})
     assert _hits_known_bug({"strides": 1, "padding": ((1, 2**62),), "dilation": 1})
+
+
+@pytest.mark.xfail(strict=True, reason="B5: list/tuple weights are converted with np.asarray(..., dtype=x.dtype), so "
+                                       "None silently becomes NaN and numeric strings become numbers, where an "
+                                       "object array is a TypeError")
+@pytest.mark.parametrize("bias", [[None], ["1e3"]])
+def test_bug_b5_list_weights_not_coerced(bias):
+    with pytest.raises(TypeError, match="bias"):
+        convcore.conv(np.ones((1, 1, 2), np.float32), np.ones((1, 1, 1), np.float32), bias=bias)

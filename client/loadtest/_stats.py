@@ -194,7 +194,8 @@ def summarize(samples, *, warmup, duration, flops_per_request=None):
     Returns
     -------
     dict
-        ``requests``, ``ok``, ``errors``, ``errors_by_code`` ({name: count}), ``elapsed_s``, ``req_per_s``,
+        ``requests``, ``sent_total`` (warm-up included, NOT_SENT excluded), ``ok``, ``errors``, ``errors_by_code``
+        ({name: count}), ``elapsed_s``, ``req_per_s``,
         ``ok_per_s``, ``gflops`` (or None), ``latency_ms`` ({min, mean, stdev, p50, p90, p99, p99.9, max}),
         ``send_lag_ms`` ({p50, p99, max}).
     """
@@ -221,6 +222,8 @@ def summarize(samples, *, warmup, duration, flops_per_request=None):
     latency["max"] = num(lat_ms.max()) if n else None
     return {
         "requests": n,
+        # Every request that went out during the whole run, warm-up included: what a server-side counter saw.
+        "sent_total": int(np.count_nonzero(samples.status != STATUS_NOT_SENT)),
         "ok": ok,
         "errors": n - ok,
         "errors_by_code": errors_by_code,
