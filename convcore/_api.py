@@ -43,7 +43,11 @@ def _as_float_array(name, a, dtype=None):
         check_dtype(name, a.dtype)
         return a
     if isinstance(a, (list, tuple)):
-        arr = np.asarray(a, dtype=dtype)
+        # Plain numbers only: np.asarray(..., dtype=float) would turn None into NaN and "1e3" into 1000.
+        arr = np.asarray(a)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must hold numbers, got a {type(a).__name__} giving dtype {arr.dtype}")
+        arr = arr.astype(dtype if dtype is not None else np.float64)
         check_dtype(name, arr.dtype)
         return arr
     if hasattr(a, "__array__") or hasattr(a, "__array_interface__"):
@@ -280,6 +284,9 @@ def output_shape(x_shape, kernel_shape, *, strides=1, padding="valid", dilation=
     output size is also checked against the max_output_bytes guard.
     """
     resolve_num_threads(num_threads)
+    if itemsize is not None and (isinstance(itemsize, bool) or not isinstance(itemsize, (int, np.integer))
+                                 or itemsize not in (4, 8)):
+        raise ValueError(f"itemsize must be 4 (float32) or 8 (float64), got {itemsize!r}")
     geo = normalize(x_shape, kernel_shape, strides=strides, padding=padding, dilation=dilation, groups=groups,
                     data_format=data_format, kernel_layout=kernel_layout, activation=activation,
                     max_output_bytes=None if itemsize is None else _max_output_bytes,

@@ -31,6 +31,8 @@ _LAYOUTS = {
 _OI_NAME = {1: "OIW", 2: "OIHW", 3: "OIDHW"}
 _IO_NAME = {1: "WIO", 2: "HWIO", 3: "DHWIO"}
 _INT32_MAX = 2**31 - 1
+#: Largest size, stride, dilation or pad accepted: keeps every index product of the kernels far from int64 overflow.
+MAX_DIM = _INT32_MAX
 
 
 def check_dtype(name, dtype):
@@ -56,6 +58,8 @@ def _int_tuple(name, value, nsp, *, minimum):
     if any(v < minimum for v in vals):
         what = "positive" if minimum == 1 else f">= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
+    if any(v > MAX_DIM for v in vals):
+        raise ValueError(f"{name} must be at most {MAX_DIM}, got {value!r}")
     return vals
 
 
@@ -82,6 +86,8 @@ def _padding(padding, nsp, spatial, ksize, strides, dilation):
         p = int(padding)
         if p < 0:
             raise ValueError(f"padding must be non-negative, got {padding!r}")
+        if p > MAX_DIM:
+            raise ValueError(f"padding must be at most {MAX_DIM}, got {padding!r}")
         return ((p, p),) * nsp
     try:
         items = tuple(padding)
@@ -104,6 +110,8 @@ def _padding(padding, nsp, spatial, ksize, strides, dilation):
             pair = (int(pair[0]), int(pair[1]))
         if pair[0] < 0 or pair[1] < 0:
             raise ValueError(f"padding must be non-negative, got {padding!r}")
+        if pair[0] > MAX_DIM or pair[1] > MAX_DIM:
+            raise ValueError(f"padding must be at most {MAX_DIM}, got {padding!r}")
         pads.append(pair)
     return tuple(pads)
 
@@ -183,6 +191,8 @@ def normalize(x_shape, kernel_shape, bias_shape=None, *, strides=1, padding="val
     if rank not in (3, 4, 5):
         raise ValueError(f"x must have rank 3, 4 or 5 (batch, channels, 1 to 3 spatial dims), got rank {rank} "
                          f"with shape {x_shape}")
+    if any(s > MAX_DIM for s in x_shape + kernel_shape):
+        raise ValueError(f"dimensions must be at most {MAX_DIM}: x shape {x_shape}, kernel shape {kernel_shape}")
     if any(s <= 0 for s in x_shape):
         raise ValueError(f"x has an empty dimension, shape {x_shape}: every dimension must be at least 1")
     nsp = rank - 2

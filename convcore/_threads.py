@@ -48,6 +48,11 @@ def usable_cpus():
     return min(n, limit) if limit else n
 
 
+def max_threads():
+    """The largest thread count accepted: 4x the machine's cores, at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
 def resolve_num_threads(num_threads=None, flops=None):
     """Return the number of OpenMP threads a kernel call will use.
 
@@ -80,6 +85,9 @@ def resolve_num_threads(num_threads=None, flops=None):
                              "or a positive count")
         if num_threads < -1:
             raise ValueError(f"num_threads must be None, -1 or a positive int, got {num_threads}")
+        if num_threads > max_threads():
+            raise ValueError(f"num_threads={num_threads} is more than {max_threads()} (4x the {os.cpu_count()} "
+                             f"cores here): each thread costs an OS thread and a workspace")
     if not openmp_enabled():
         return 1
     if num_threads is None:
