@@ -824,14 +824,15 @@ def explain(results, targets):
             elif "GEMM limit" in g:
                 gl = g["GEMM limit"]
                 rest = s[cc_name] - s["GEMM limit"]
-                msg += (f" OpenBLAS sgemm on this GEMM shape alone runs at {gl:.1f} GFLOP/s "
-                        f"({gl / g[th_name]:.2f}× torch), so even with a free im2col convcore would reach at most "
-                        f"~{gl / g[th_name]:.2f}×; convcore reaches {100 * g[cc_name] / gl:.0f}% of that GEMM")
+                msg += f" OpenBLAS sgemm on this GEMM shape alone (numpy) runs at {gl:.1f} GFLOP/s"
                 if rest > 0:
-                    msg += (f": of its {1e3 * s[cc_name]:.2f} ms, ~{1e3 * s['GEMM limit']:.2f} ms would be the GEMM "
-                            f"at numpy's speed and ~{1e3 * rest:.2f} ms im2col, packing and threading overhead.")
+                    msg += (f" ({gl / g[th_name]:.2f}× torch), so even with a free im2col convcore would reach at most "
+                            f"~{gl / g[th_name]:.2f}×; convcore reaches {100 * g[cc_name] / gl:.0f}% of that GEMM: of "
+                            f"its {1e3 * s[cc_name]:.2f} ms, ~{1e3 * s['GEMM limit']:.2f} ms would be the GEMM at "
+                            f"numpy's speed and ~{1e3 * rest:.2f} ms im2col, packing and threading overhead.")
                 else:
-                    msg += " (it beats numpy's GEMM of the same shape: the gap is the GEMM kernel itself)."
+                    msg += (f", slower than convcore itself: the GEMM kernel, not im2col, is the gap (numpy's "
+                            f"batched matmul may also have been hit by other users' load; re-run the row).")
             lines.append(msg)
     return lines
 
@@ -845,7 +846,7 @@ def render_section(args, info, calib, malloc_note, results, mem, largest, summar
            f"- Command: `{cmd}` (took {elapsed:.0f} s)",
            f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
            f"- Machine: {info['model']}, {info['cpus']} CPUs ({info['usable']} usable), {info['flags']}; "
-           f"load average before the run: {args.load_before}",
+           f"load average before / after the run: {args.load_before} / {args.load_after}",
            f"- Versions: {info['versions']}",
            f"- Calibration: {calib}",
            f"- Threads: {args.threads} for every contender (convcore `num_threads`, `torch.set_num_threads`, ORT "
@@ -1025,6 +1026,10 @@ def run_benchmark(args):
     summary, targets = evaluate_targets(results, mem, largest)
     why = explain(results, targets)
     elapsed = time.perf_counter() - t_start
+    try:
+        args.load_after = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        args.load_after = "unknown"
     section = render_section(args, info, calib, malloc_note, results, mem, largest, summary, targets, why, elapsed)
     print()
     print(section)
