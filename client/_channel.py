@@ -95,11 +95,12 @@ class ChannelSettings:
 
     Parameters
     ----------
-    target, timeout, max_message_mb, root_certificates, tls, token, options, retries
+    target, timeout, max_message_mb, root_certificates, tls, token, options, retries, client_certificate, client_key
         See `ConvClient`.
     """
 
-    def __init__(self, target, timeout, max_message_mb, root_certificates, tls, token, options, retries):
+    def __init__(self, target, timeout, max_message_mb, root_certificates, tls, token, options, retries, *,
+                 client_certificate=None, client_key=None):
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise invalid_argument(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, int) or not 1 <= max_message_mb <= 2047:
@@ -121,7 +122,14 @@ class ChannelSettings:
         merged.update(dict(options or ()))  # the escape hatch: any channel argument, overriding the defaults
         self.options = list(merged.items())
         root = _read_pem(root_certificates, "root_certificates")
-        self.credentials = grpc.ssl_channel_credentials(root) if (tls or root is not None) else None
+        if (client_certificate is None) != (client_key is None):
+            raise invalid_argument("client_certificate and client_key go together (mutual TLS): give both or neither")
+        cert = _read_pem(client_certificate, "client_certificate")
+        key = _read_pem(client_key, "client_key")
+        if tls or root is not None or cert is not None:
+            self.credentials = grpc.ssl_channel_credentials(root, private_key=key, certificate_chain=cert)
+        else:
+            self.credentials = None
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def channel(self):

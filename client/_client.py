@@ -85,7 +85,8 @@ class _ClientMethods:
         Parameters
         ----------
         name : str
-            Letters, digits, '.', '_', '-' (at most 128, not starting with '.'); replaces a model of that name.
+            Letters, digits, '.', '_', '-' (at most 128, not starting with '.'). A taken name is ALREADY_EXISTS
+            unless the model is identical (a no-op); delete the model first to replace it.
         layers : list of dict
             Each with "kernel" and optionally "bias", "strides", "padding", "dilation", "groups", "data_format",
             "kernel_layout", "activation" (as in `conv`). All layers share one dtype, rank and channel axis.
@@ -200,7 +201,11 @@ class ConvClient(_ClientMethods):
     tls : bool, optional
         Connect with TLS using the system's root certificates (implied by `root_certificates`).
     token : str, optional
-        Sent as ``authorization: Bearer <token>`` metadata on every call.
+        Sent as ``authorization: Bearer <token>`` metadata on every call (a server started with --auth-token
+        answers UNAUTHENTICATED without it).
+    client_certificate, client_key : bytes or path, optional
+        PEM certificate chain and private key presented to a server that requires mutual TLS (--tls-client-ca).
+        Both or neither; they imply TLS.
     options : sequence of (str, value), optional
         Extra gRPC channel arguments; they override the defaults (message limits, service config, keepalive).
     retries : int
@@ -213,9 +218,10 @@ class ConvClient(_ClientMethods):
     """
 
     def __init__(self, target, timeout=30.0, *, max_message_mb=DEFAULT_MAX_MESSAGE_MB, root_certificates=None,
-                 tls=None, token=None, options=None, retries=DEFAULT_RETRY_ATTEMPTS):
+                 tls=None, token=None, options=None, retries=DEFAULT_RETRY_ATTEMPTS, client_certificate=None,
+                 client_key=None):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
-                                         retries)
+                                         retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.channel()
         self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
                        "health": health_pb2_grpc.HealthStub(self._channel)}
@@ -252,9 +258,10 @@ class AsyncConvClient(_ClientMethods):
     """
 
     def __init__(self, target, timeout=30.0, *, max_message_mb=DEFAULT_MAX_MESSAGE_MB, root_certificates=None,
-                 tls=None, token=None, options=None, retries=DEFAULT_RETRY_ATTEMPTS):
+                 tls=None, token=None, options=None, retries=DEFAULT_RETRY_ATTEMPTS, client_certificate=None,
+                 client_key=None):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
-                                         retries)
+                                         retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.aio_channel()
         self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
                        "health": health_pb2_grpc.HealthStub(self._channel)}

@@ -8,6 +8,7 @@ import threading
 
 from ._app import create_server
 from ._config import ServerConfig, _default_repository
+from ._hardening import add_arguments, apply_arguments
 
 log = logging.getLogger("server")
 
@@ -53,12 +54,17 @@ def parse_args(argv=None):
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="write the bound port to PATH once serving (useful with --port 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_arguments(p, defaults)  # limits, TLS, auth, read-only models
     args = p.parse_args(argv)
+    try:
+        hardening = apply_arguments(args, {})
+    except ValueError as exc:
+        p.error(str(exc))  # exit 2 with the message, like any other bad flag
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     config = ServerConfig(model_repository=args.model_repository, workers=args.workers,
                           max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
                           compute_slots=args.compute_slots, grace_seconds=args.grace,
-                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port)
+                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port, **hardening)
     return f"{host}:{args.port}", config, args.port_file, args.log_level
 
 

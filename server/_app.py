@@ -15,6 +15,7 @@ from ._compute import ComputeExecutor
 from ._config import DEFAULT_ADDRESS, MIB, ServerConfig
 from ._engine import Engine
 from ._errors import ErrorMappingInterceptor
+from ._hardening import hardening_interceptors, request_limit_options
 from ._kserve import KServeServicer
 from ._metrics import MetricsInterceptor, ServerMetrics, serve_metrics
 from ._repository import ModelRepository
@@ -110,12 +111,13 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
         If the address cannot be bound.
     """
     config = config or ServerConfig()
-    repository = ModelRepository(config.model_repository, plan_cache_size=config.plan_cache_size)
+    repository = ModelRepository(config.model_repository, plan_cache_size=config.plan_cache_size,
+                                 max_models=config.max_models, max_layers=config.max_layers)
     loaded, skipped = repository.load_all()
     metrics = ServerMetrics()
     metrics.track_models(lambda: len(repository.names()))
     executor = ComputeExecutor(config.omp_threads, config.compute_slots, observe=metrics.observe_job)
-    engine = Engine(repository, executor, config.max_message_bytes)
+    engine = Engine(repository, executor, config.max_message_bytes, max_output_bytes=config.max_output_mb * MIB)
 
     limit = config.max_message_bytes
     options = [
@@ -125,11 +127,14 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ] + list(config.grpc_options)
+    ] + request_limit_options(config) + list(config.grpc_options)
     grpc_server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
         # Metrics outside the error mapping, so they record the status the client gets.
-        interceptors=list(config.interceptors) + [MetricsInterceptor(metrics), ErrorMappingInterceptor()],
+        interceptors=(list(config.interceptors) + [MetricsInterceptor(metrics)] + hardening_interceptors(config)
+                      + [ErrorMappingInterceptor()]),
+        # --max-in-flight: gRPC refuses the call over it with RESOURCE_EXHAUSTED on arrival (see _limits).
+        maximum_concurrent_rpcs=config.max_in_flight,
         options=options,
     )
     health_servicer = health.HealthServicer()

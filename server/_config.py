@@ -50,6 +50,20 @@ class ServerConfig:
         Serve Prometheus metrics over HTTP at ``/metrics`` on this port, on the gRPC address's host (0 picks a free
         port); None serves none (the metrics are still collected, see ``ConvServer.metrics``). ``python -m server``
         defaults to 8002.
+    max_request_mb : int or None
+        Largest request accepted, MiB; None: ``max_message_mb``.
+    max_output_mb : int
+        Largest output one call may compute (checked with convcore.output_shape before allocating), MiB.
+    max_layers, max_models : int
+        Layers per registered model; registered models.
+    max_in_flight : int
+        RPCs being served at once (gRPC's ``maximum_concurrent_rpcs``); one more gets RESOURCE_EXHAUSTED at once.
+    default_deadline : float or None
+        Seconds a call may take when its client set no deadline; None: unlimited.
+    auth_token : str or None
+        Require ``authorization: Bearer <token>`` on every RPC but health.
+    read_only_models : bool
+        Refuse RegisterModel/DeleteModel with PERMISSION_DENIED.
     """
 
     model_repository: str = field(default_factory=_default_repository)
@@ -64,8 +78,28 @@ class ServerConfig:
     server_credentials: object = None
     grpc_options: list = field(default_factory=list)
     metrics_port: int | None = None
+    max_request_mb: int | None = None
+    max_output_mb: int = 1024
+    max_layers: int = 64
+    max_models: int = 1000
+    max_in_flight: int = 64
+    default_deadline: float | None = 300.0
+    auth_token: str | None = None
+    read_only_models: bool = False
 
     def __post_init__(self):
+        for name in ("max_output_mb", "max_layers", "max_models", "max_in_flight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerConfig.{name} must be a positive int, got {value!r}")
+        if self.max_request_mb is not None and (isinstance(self.max_request_mb, bool)
+                                                or not isinstance(self.max_request_mb, int)
+                                                or not 1 <= self.max_request_mb <= 2047):
+            raise ValueError(f"ServerConfig.max_request_mb must be an int from 1 to 2047 or None, got "
+                             f"{self.max_request_mb!r}")
+        if self.default_deadline is not None and not self.default_deadline > 0:
+            raise ValueError(f"ServerConfig.default_deadline must be > 0 seconds or None, got "
+                             f"{self.default_deadline!r}")
         for name in ("workers", "max_message_mb", "kserve_max_batch_size", "plan_cache_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -12,6 +12,8 @@ import grpc
 __all__ = [
     "InvalidArgument",
     "LimitExceeded",
+    "ModelExists",
+    "RepositoryError",
     "ModelNotFound",
     "RequestCancelled",
     "ErrorMappingInterceptor",
@@ -35,6 +37,14 @@ class ModelNotFound(LookupError):
         self.name = name
 
 
+class ModelExists(Exception):
+    """RegisterModel for a name that is already registered (delete it first to replace it)."""
+
+
+class RepositoryError(Exception):
+    """The model repository folder cannot be written (read-only, not a folder, ...): nothing was changed."""
+
+
 class LimitExceeded(Exception):
     """A request would exceed a configured limit (message size, output size, ...)."""
 
@@ -55,11 +65,16 @@ def status_for(exc):
     -------
     (grpc.StatusCode, str)
         ValueError/TypeError (bad spec or tensor, including convcore's own checks) -> INVALID_ARGUMENT;
-        ModelNotFound -> NOT_FOUND; LimitExceeded and MemoryError -> RESOURCE_EXHAUSTED; RequestCancelled ->
+        ModelNotFound -> NOT_FOUND; ModelExists -> ALREADY_EXISTS; RepositoryError -> FAILED_PRECONDITION;
+        LimitExceeded and MemoryError -> RESOURCE_EXHAUSTED; RequestCancelled ->
         CANCELLED; anything else -> INTERNAL with a fixed message (the traceback is logged with a reference).
     """
     if isinstance(exc, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ModelExists):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, RepositoryError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, MemoryError):

@@ -30,6 +30,19 @@ def check_model_name(name, field="name"):
     return name
 
 
+def _check_finite(field, weights):
+    """Refuse NaN/Inf weights at registration (INVALID_ARGUMENT).
+
+    In a one-off Conv, NaN and Inf are data and propagate, as in convcore. A registered model is different: it is
+    checked once and then serves every caller, and a non-finite weight (a diverged training run, a broken export)
+    would silently turn every answer into NaN, so it is refused where it enters.
+    """
+    if weights.size and not np.isfinite(weights).all():
+        bad = int(weights.size - np.count_nonzero(np.isfinite(weights)))
+        raise InvalidArgument(f"{field} holds {bad} NaN/Inf value(s) of {weights.size}: a registered model's weights "
+                              f"must be finite (a one-off Conv accepts them as data)")
+
+
 class _Layer:
     __slots__ = ("kernel", "bias", "options", "spec")
 
@@ -80,6 +93,9 @@ class Model:
                 raise InvalidArgument(f"{field}.kernel is missing: every layer needs a kernel")
             kernel = decode_tensor(f"{field}.kernel", msg.kernel)
             bias = decode_tensor(f"{field}.bias", msg.bias) if msg.HasField("bias") else None
+            _check_finite(f"{field}.kernel", kernel)
+            if bias is not None:
+                _check_finite(f"{field}.bias", bias)
             options = decode_spec(f"{field}.spec", msg.spec)
             if dtype is None:
                 dtype = kernel.dtype

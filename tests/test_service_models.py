@@ -64,7 +64,12 @@ def test_register_replaces_and_channels_last_float64(client):
     layers = [{"kernel": k1, "padding": "same", "data_format": "NHWC"},
               {"kernel": k2, "data_format": "channels_last", "activation": "tanh"}]
     client.register_model("nhwc", [layers[0]])
-    info = client.register_model("nhwc", layers)  # same name: replaced
+    assert client.register_model("nhwc", [layers[0]])["name"] == "nhwc"  # the same model again: a no-op
+    with pytest.raises(ConvError) as err:
+        client.register_model("nhwc", layers)  # another model under a taken name: refused (issue 5)
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and "delete it first" in err.value.details
+    client.delete_model("nhwc")
+    info = client.register_model("nhwc", layers)  # replaced: delete, then register
     assert info["data_format"] == "channels_last" and len(info["layers"]) == 2
     x = rng.standard_normal((2, 6, 7, 2))
     y = client.infer("nhwc", x)

@@ -1,0 +1,144 @@
+"""Server limits (issue 5, "Limits"): each one refused with RESOURCE_EXHAUSTED (or DEADLINE_EXCEEDED) and a message
+that names the flag, against one real server started with small limits.
+"""
+import concurrent.futures
+import re
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from _server import ServerProcess
+from client import ConvClient, ConvError
+from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
+
+SLOW_LAYERS = 24
+LIMIT_ARGS = ["--max-in-flight", "3", "--default-deadline", "0.2", "--max-output-mb", "6", "--max-layers",
+              str(SLOW_LAYERS), "--max-models", "3", "--max-request-mb", "8", "--compute-slots", "1",
+              "--omp-threads", "1", "--workers", "8"]
+
+
+def _tensor(a):
+    a = np.ascontiguousarray(a, np.float32)
+    return conv_pb2.Tensor(dtype=conv_pb2.DTYPE_FLOAT32, shape=a.shape, data=a.tobytes())
+
+
+def slow_model_layers():
+    """A model that takes ~0.5 s or more on one thread: 24 3x3 64->64 layers (1.2 GFLOP each on SLOW_INPUT)."""
+    k = (np.random.default_rng(0).standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
+    return [{"kernel": k, "padding": "same"} for _ in range(SLOW_LAYERS)]
+
+
+#: Channel options for raw stubs: the slow model's 4 MiB answer is over gRPC's default 4 MiB receive limit.
+BIG = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+SLOW_INPUT = np.ones((1, 64, 128, 128), np.float32)  # 4 MiB: under --max-request-mb 8 and --max-output-mb 6
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    proc = ServerProcess(tmp_path_factory.mktemp("lim") / "models", *LIMIT_ARGS).start()
+    with ConvClient(proc.target, timeout=60) as c:
+        c.register_model("slow", slow_model_layers())
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+def metrics_text(proc):
+    port = int(re.search(r"metrics: http://[^:]+:(\d+)/metrics", proc.log()).group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def in_flight(proc):
+    """Sum of convserver_in_flight_requests over all methods (the metrics interceptor's gauge)."""
+    return sum(float(v) for v in re.findall(r"^convserver_in_flight_requests\{[^}]*\} ([0-9.e+-]+)$",
+                                            metrics_text(proc), re.M))
+
+
+def _code(fn):
+    with pytest.raises(ConvError) as err:
+        fn()
+    return err.value.code, err.value.details
+
+
+def test_max_output_bytes(limited):
+    with ConvClient(limited.target, timeout=30) as c:
+        code, details = _code(lambda: c.conv(np.ones((1, 1, 8, 8), np.float32), np.ones((1, 1, 1, 1), np.float32),
+                                             padding=700))  # 1407x1407x4 B = 7.6 MiB output
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-output-mb" in details
+        # In a model every layer's output counts, not only the last one's.
+        c.register_model("wide", [{"kernel": np.ones((64, 1, 1, 1), np.float32)},
+                                  {"kernel": np.ones((1, 64, 1, 1), np.float32)}])
+        code, details = _code(lambda: c.infer("wide", np.ones((1, 1, 192, 192), np.float32)))  # 9 MiB in between
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "layers[0]" in details and "--max-output-mb" in details
+        c.delete_model("wide")
+
+
+def test_max_request_bytes(limited):
+    with ConvClient(limited.target, timeout=30) as c:
+        code, details = _code(lambda: c.conv(np.ones((1, 1, 1500, 1500), np.float32),
+                                             np.ones((1, 1, 1, 1), np.float32)))  # 8.6 MiB request
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_max_layers_and_models(limited):
+    k = np.ones((1, 1, 1, 1), np.float32)
+    with ConvClient(limited.target, timeout=30) as c:
+        code, details = _code(lambda: c.register_model("deep", [{"kernel": k}] * (SLOW_LAYERS + 1)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-layers" in details
+        c.register_model("m1", [{"kernel": k}])
+        c.register_model("m2", [{"kernel": k}])  # with "slow": 3 models, the limit
+        code, details = _code(lambda: c.register_model("m3", [{"kernel": k}]))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-models" in details
+        c.delete_model("m2")
+        c.register_model("m3", [{"kernel": k}])  # room again
+        c.delete_model("m3")
+        c.delete_model("m1")
+
+
+def test_default_deadline_applies_when_the_client_sets_none(limited):
+    with grpc.insecure_channel(limited.target, options=BIG) as ch:
+        stub = conv_pb2_grpc.ConvServiceStub(ch)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT)))  # no timeout
+        took = time.monotonic() - start
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    assert "--default-deadline" in err.value.details()
+    assert took < 30, took  # stopped between layers, not run to the end and beyond
+
+
+def test_max_in_flight_refuses_at_once(limited):
+    """With --max-in-flight 3, a burst of 8 slow calls: at least 5 are refused immediately, none queue forever."""
+    with grpc.insecure_channel(limited.target, options=BIG) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)  # connected first, so the 8 calls arrive together
+        stub = conv_pb2_grpc.ConvServiceStub(ch)
+        request = conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT))
+        start = time.monotonic()
+        futures = [stub.Infer.future(request, timeout=20) for _ in range(8)]
+        ended = {}
+        for i, f in enumerate(futures):  # the time each call ended, not when we looked at it
+            f.add_done_callback(lambda f, i=i: ended.setdefault(i, time.monotonic() - start))
+        results = []
+        for i, f in enumerate(futures):
+            try:
+                f.result()
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+            results.append((code, ended.get(i, time.monotonic() - start)))
+    refused = [t for code, t in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(refused) == 5, results  # 3 admitted (--max-in-flight 3), the rest refused
+    ok = [t for code, t in results if code == grpc.StatusCode.OK]
+    assert len(ok) == 3, results
+    assert max(refused) < min(ok), results  # refused at once, not after waiting in a queue
+    assert {code for code, _ in results} <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             grpc.StatusCode.OK}, results
+    deadline = time.monotonic() + 30
+    while in_flight(limited) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_flight(limited) == 0
+    with ConvClient(limited.target, timeout=30) as c:
+        assert c.health() and c.conv(np.ones((1, 1, 2, 2), np.float32), np.ones((1, 1, 1, 1), np.float32)).shape
