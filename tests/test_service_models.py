@@ -1,6 +1,7 @@
 """Registered models against a real server: register/infer/list/get/delete, a layer stack run server-side, shapes
 checked at registration, models surviving `kill -9` and a restart, corrupt files skipped at start-up."""
 import os
+import time
 
 import grpc
 import numpy as np
@@ -142,6 +143,10 @@ def test_models_survive_kill_9_and_corrupt_files_are_skipped(tmp_path):
     (repo / "damaged.convmodel").write_bytes(good[: len(good) // 2])
     (repo / "junk.convmodel").write_bytes(b"not a model")
     (repo / ".tmp-abc123").write_bytes(good[:10])
+    # A crash's leftover is old; a young temp file may be another replica's write in progress and is kept.
+    old = time.time() - 3600
+    os.utime(repo / ".tmp-abc123", (old, old))
+    (repo / ".tmp-young").write_bytes(good[:10])
     second = ServerProcess(repo).start()
     try:
         with ConvClient(second.target) as c:
@@ -153,3 +158,4 @@ def test_models_survive_kill_9_and_corrupt_files_are_skipped(tmp_path):
     assert "skipping corrupt model file" in log and "damaged.convmodel" in log and "junk.convmodel" in log
     assert "models loaded: 1 (keep)" in log
     assert not (repo / ".tmp-abc123").exists()
+    assert (repo / ".tmp-young").exists()

@@ -119,8 +119,12 @@ class _Schedule:
             n_total = int(np.ceil((cfg.warmup + cfg.duration) * cfg.rate - 1e-9))
             self.scheduled = max(0, -(-(n_total - index) // cfg.processes))
 
+    def offset(self, k):
+        """Due time of request k relative to the origin, computed exactly as i / R (no origin round-off)."""
+        return (k * self._stride + self._offset) * self._period
+
     def due(self, k):
-        return self.origin + (k * self._stride + self._offset) * self._period
+        return self.origin + self.offset(k)
 
     def next(self):
         """``(k, due)`` of the next request, or None when the run is over."""
@@ -158,7 +162,9 @@ def _worker(slot, client, model, x, schedule, counters, out, errors_logged):
                 print("loadtest: a request failed in the client (counted as CLIENT_ERROR):\n"
                       + traceback.format_exc(), file=sys.stderr, flush=True)
         end = time.perf_counter()
-        start.append(due - schedule.origin)
+        # Relative due time: computed from k, not as due - origin, whose round-off can move a request that is due
+        # exactly at the end of the warm-up to just before it.
+        start.append(schedule.offset(k) if schedule.open_loop else due - schedule.origin)
         latency.append(end - due)
         status.append(code)
         lag.append(sent - due if schedule.open_loop else 0.0)
@@ -207,7 +213,7 @@ def _run_threads(cfg, index, client, origin, on_tick=None):
         sent = set(itertools.chain.from_iterable(o[4] for o in out))
         missing = np.array([k for k in range(schedule.scheduled) if k not in sent], dtype=np.int64)
         if missing.size:
-            due = np.array([schedule.due(k) for k in missing]) - origin
+            due = np.array([schedule.offset(k) for k in missing])
             waited = schedule.stop - origin - due
             parts.append(Samples(due, waited, np.full(missing.size, STATUS_NOT_SENT, dtype=np.int32),
                                  waited.copy()))
