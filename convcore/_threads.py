@@ -12,8 +12,10 @@ from ._openmp_helpers import openmp_enabled, openmp_max_threads
 
 __all__ = ["openmp_enabled", "resolve_num_threads", "usable_cpus", "limit_scipy_blas", "SMALL_WORK_FLOPS"]
 
-#: Below this many FLOPs a call runs on one thread: waking the OpenMP team costs more than it saves (as MLAS does).
-SMALL_WORK_FLOPS = 2_000_000
+#: Below this many FLOPs (about 1 ms on one core here) a call runs on one thread, whatever count was asked for: waking
+#: the OpenMP team costs more than it saves. Measured on this 2-vCPU VM: after an idle gap a 2-thread call of ~0.5 ms
+#: took 0.6 to 9 ms (waking the sleeping second vCPU), the same call on one thread a steady 0.8 ms (BENCHMARKS.md).
+SMALL_WORK_FLOPS = 50_000_000
 
 
 def _cgroup_cpu_limit():
@@ -60,9 +62,9 @@ def resolve_num_threads(num_threads=None, flops=None):
     ----------
     num_threads : int or None
         None: all usable cores (CPU affinity and cgroup quota respected, and ``OMP_NUM_THREADS`` when set);
-        -1: every core the process may run on, ignoring ``OMP_NUM_THREADS``; a positive int: that many.
+        -1: every core the process may run on, ignoring ``OMP_NUM_THREADS``; a positive int: at most that many.
     flops : int, optional
-        The work of the call; below ``SMALL_WORK_FLOPS`` the answer is 1 (unless a count was asked for explicitly).
+        The work of the call; below ``SMALL_WORK_FLOPS`` the answer is 1.
 
     Returns
     -------
@@ -90,12 +92,12 @@ def resolve_num_threads(num_threads=None, flops=None):
                              f"cores here): each thread costs an OS thread and a workspace")
     if not openmp_enabled():
         return 1
+    if flops is not None and flops < SMALL_WORK_FLOPS:
+        return 1
     if num_threads is None:
         n = usable_cpus()
         if os.environ.get("OMP_NUM_THREADS", "").strip():
             n = min(n, openmp_max_threads())
-        if flops is not None and flops < SMALL_WORK_FLOPS:
-            return 1
         return max(1, n)
     if num_threads == -1:
         try:

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, note, settings, strategies as st
 
+# Tiny layers would otherwise run on one thread (see convcore._threads.SMALL_WORK_FLOPS).
+pytestmark = pytest.mark.usefixtures("threads_for_any_size")
+
 from _conv_helpers import REFERENCE_ACTIVATIONS, assert_conv_close, check_conv, conv_configs, magnitude, make_arrays
 from _reference import reference_conv, reference_output_shape
 
@@ -534,3 +537,13 @@ def test_memory_safety_tiny_tiles_and_large_padding(rank, data_format):
                 cases.append(_mk(rank, data_format, cin, cout, groups, (size,) * rank, (k,) * rank,
                                  padding=[[pad, pad // 2]] * rank, dilation=d, algorithm=algorithm, tile_size=tile))
     _run_child(cases)
+
+
+def test_small_work_runs_on_one_thread():
+    """Below the cut-off a call runs on one thread whatever was asked; above it the count is honoured."""
+    from convcore._threads import SMALL_WORK_FLOPS, resolve_num_threads
+
+    assert resolve_num_threads(2, flops=SMALL_WORK_FLOPS - 1) == 1
+    expected = 2 if convcore.openmp_enabled() else 1
+    assert resolve_num_threads(2, flops=SMALL_WORK_FLOPS) == expected
+    assert resolve_num_threads(2) == expected

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 
+# Tiny layers would otherwise run on one thread (see convcore._threads.SMALL_WORK_FLOPS).
+pytestmark = pytest.mark.usefixtures("threads_for_any_size")
+
 from _conv_helpers import (
     FIRST_ALIASES,
     IO_LAYOUTS,
