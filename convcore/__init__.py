@@ -8,8 +8,9 @@ output_shape
     Shape inference without computing.
 make_plan, ConvPlan
     Build once per layer shape, run many times (what a server caches per registered model).
-openmp_enabled, resolve_num_threads
-    Whether the extension was built with OpenMP; the one place that picks a thread count.
+openmp_enabled, resolve_num_threads, usable_cpus
+    Whether the extension was built with OpenMP; the one place that picks a thread count; the CPUs this process may
+    use (affinity capped by the cgroup CPU quota), which the server sizes itself from.
 get_max_output_bytes, set_max_output_bytes
     The guard that refuses absurd outputs before allocating them.
 """
@@ -25,7 +26,7 @@ from ._api import (
     output_shape,
     set_max_output_bytes,
 )
-from ._threads import openmp_enabled, resolve_num_threads
+from ._threads import openmp_enabled, resolve_num_threads, usable_cpus
 
 __all__ = [
     "ACTIVATIONS",
@@ -40,5 +41,6 @@ __all__ = [
     "output_shape",
     "resolve_num_threads",
     "set_max_output_bytes",
+    "usable_cpus",
 ]
 __version__ = "0.1.0"
