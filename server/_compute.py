@@ -101,7 +101,7 @@ class ComputeExecutor:
         self.slots = slots or max(1, cores // team)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="compute")
 
-    def run(self, context, fn, *args, label=""):
+    def run(self, context, fn, *args, threads=None, label=""):
         """Run ``fn(token, *args)`` on the pool for the RPC `context`; return its result.
 
         `label` names the job in the metrics (the model name; "" for a one-off convolution).
