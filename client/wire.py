@@ -11,7 +11,7 @@ become views of the received bytes; everything else is still parsed and checked 
 the message), so field semantics, UTF-8 checks and errors stay the library's. Anything the scanner does not
 expect (groups, too many fields, a truncated field) falls back to a plain upb parse, which has the last word. A
 response is written as its header plus the tensor, into one buffer of the final size that the output is computed
-into (see `ResponseBuffer`).
+into (see `MessageBuffer`).
 """
 import ctypes
 import math
@@ -23,9 +23,10 @@ from convproto.convservice.v1 import conv_pb2
 from convproto.inference import grpc_service_pb2 as kserve_pb2
 
 __all__ = [
-    "DTYPES", "KSERVE_DTYPES", "WIRE_DTYPE", "DecodeError", "ResponseBuffer", "TensorView", "decode_conv_request",
-    "decode_infer_request", "decode_model_infer_request", "encode_registration", "kserve_datatype", "spec_kwargs",
-    "spec_message", "tensor_array", "tensor_message", "tensor_response", "model_infer_response",
+    "DTYPES", "KSERVE_DTYPES", "WIRE_DTYPE", "DecodeError", "MessageBuffer", "TensorView", "conv_request",
+    "decode_conv_request", "decode_infer_request", "decode_model_infer_request", "decode_tensor",
+    "decode_tensor_response", "encode_registration", "infer_request", "kserve_datatype", "model_infer_response",
+    "spec_kwargs", "spec_message", "tensor_array", "tensor_message", "tensor_response",
 ]
 
 # ---------------------------------------------------------------------------------------------------- dtype tables
@@ -380,8 +381,8 @@ def _padded(header, tail, base=0):
     raise AssertionError("unreachable")
 
 
-class ResponseBuffer:
-    """One response message of known final size: its header followed by an array's bytes, in a single ``bytes``.
+class MessageBuffer:
+    """One message of known final size: its header followed by an array's bytes, in a single ``bytes``.
 
     `array` is a writable array over the payload part; compute into it, then send `message` (the ``bytes``
     object itself: gRPC Python takes bytes, and a bytes object is writable until anyone else holds it, which is
@@ -413,8 +414,9 @@ class ResponseBuffer:
         return self.message
 
 
-def _tensor_header(dtype, shape, nbytes, outer_field):
-    """Header of ``{outer_field: Tensor{dtype, shape, <pad>, data}}`` up to the first data byte."""
+def _tensor_header(dtype, shape, nbytes, outer_field, base=0):
+    """Header of ``{outer_field: Tensor{dtype, shape, <pad>, data}}`` up to the first data byte, for a message in
+    which `base` bytes come before it."""
     inner = bytes((0x08,)) + _encode_varint(WIRE_DTYPE[np.dtype(dtype).newbyteorder("=")])
     if shape:
         packed = b"".join(_encode_varint(s) for s in shape)
@@ -423,7 +425,7 @@ def _tensor_header(dtype, shape, nbytes, outer_field):
     # The Tensor's length prefix depends on the padding, which depends on the prefix's length: settle both.
     for _ in range(3):
         guess = bytes(((outer_field << 3) | 2,)) + _encode_varint(len(inner) + 2 + _ALIGN + len(data_tag) + nbytes)
-        body = _padded(inner, data_tag, base=len(guess))
+        body = _padded(inner, data_tag, base=base + len(guess))
         prefix = bytes(((outer_field << 3) | 2,)) + _encode_varint(len(body) + nbytes)
         if len(prefix) == len(guess):
             return prefix + body
@@ -431,13 +433,13 @@ def _tensor_header(dtype, shape, nbytes, outer_field):
 
 
 def tensor_response(shape, dtype):
-    """A ResponseBuffer for InferResponse / ConvResponse (both are ``{1: Tensor output}``)."""
+    """A MessageBuffer for InferResponse / ConvResponse (both are ``{1: Tensor output}``)."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    return ResponseBuffer(_tensor_header(dtype, shape, nbytes, 1), shape, np.dtype(dtype).newbyteorder("<"))
+    return MessageBuffer(_tensor_header(dtype, shape, nbytes, 1), shape, np.dtype(dtype).newbyteorder("<"))
 
 
 def model_infer_response(model_name, model_version, request_id, output_name, shape, dtype):
-    """A ResponseBuffer for a ModelInferResponse with one output tensor sent as raw_output_contents[0]."""
+    """A MessageBuffer for a ModelInferResponse with one output tensor sent as raw_output_contents[0]."""
     dtype = np.dtype(dtype)
     head = kserve_pb2.ModelInferResponse(
         model_name=model_name, model_version=model_version, id=request_id,
@@ -445,7 +447,26 @@ def model_infer_response(model_name, model_version, request_id, output_name, sha
                                                                    shape=shape)]).SerializeToString()
     nbytes = math.prod(shape) * dtype.itemsize
     header = _padded(head, bytes((0x32,)) + _encode_varint(nbytes))  # field 6: raw_output_contents
-    return ResponseBuffer(header, shape, dtype.newbyteorder("<"))
+    return MessageBuffer(header, shape, dtype.newbyteorder("<"))
+
+
+def infer_request(name, x):
+    """InferRequest bytes for model `name` and array `x` (float32/float64, little-endian): one copy of `x`, into the
+    message, its payload aligned so that the server can compute on it in place."""
+    encoded = name.encode("utf-8")
+    prefix = b"\x0a" + _encode_varint(len(encoded)) + encoded
+    buffer = MessageBuffer(prefix + _tensor_header(x.dtype, x.shape, x.nbytes, 2, base=len(prefix)), x.shape,
+                           x.dtype)
+    np.copyto(buffer.array, x)
+    return buffer.finish()
+
+
+def conv_request(x, kernel, bias, spec):
+    """ConvRequest bytes: `kernel`/`bias` Tensor messages and a LayerSpec, then `x` copied once, aligned."""
+    head = conv_pb2.ConvRequest(spec=spec, kernel=kernel, bias=bias).SerializeToString()
+    buffer = MessageBuffer(head + _tensor_header(x.dtype, x.shape, x.nbytes, 1, base=len(head)), x.shape, x.dtype)
+    np.copyto(buffer.array, x)
+    return buffer.finish()
 
 
 def decode_tensor_response(data):

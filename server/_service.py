@@ -3,7 +3,7 @@
 Servicers decode protobuf into plain values (arrays, names, convcore keywords), call one `InferenceService` method
 and encode what it returns; nothing here knows protobuf. Where the output goes is the caller's choice: `infer` and
 `conv` take ``output(shape, dtype) -> array``, and the servicers pass one that hands out the payload of the response
-message itself (`client.wire.ResponseBuffer`), so the last layer writes the answer where gRPC will send it from.
+message itself (`client.wire.MessageBuffer`), so the last layer writes the answer where gRPC will send it from.
 """
 import math
 
@@ -11,7 +11,6 @@ import numpy as np
 
 import convcore
 
-from ._compute import thread_buffer
 from ._errors import LimitExceeded
 from ._limits import check_count
 from ._model import _CHANNELS_LAST
@@ -102,10 +101,19 @@ class InferenceService:
         return self.executor.run(context, self._infer_job, model, route, x, output, threads=route.threads,
                                  label=model.name)
 
-    @staticmethod
-    def _infer_job(token, model, route, x, output):
+    def _infer_job(self, token, model, route, x, output):
         out = output(route.output_shape, model.dtype)
-        return model.run(token, route, x, out, thread_buffer)
+        if len(route.plans) == 1:
+            return model.run(token, route, x, out, None)
+        taken = []
+
+        def buffer(key, shape, dtype):  # intermediate outputs of a layer stack, reused between calls
+            taken.append(self.executor.buffers.take(shape, dtype))
+            return taken[-1]
+        try:
+            return model.run(token, route, x, out, buffer)
+        finally:
+            self.executor.buffers.give(taken)
 
     def conv(self, context, x, kernel, bias, options, output):
         """One convolution with convcore's semantics into ``output(shape, dtype)``; returns that array."""

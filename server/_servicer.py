@@ -19,7 +19,7 @@ __all__ = ["ConvServicer", "OutputSink", "add_service"]
 
 class OutputSink:
     """``output(shape, dtype)`` for `InferenceService`: hands out the payload of a response message built by
-    `make(shape, dtype)` (a `client.wire.ResponseBuffer` factory); `finish()` is the message bytes."""
+    `make(shape, dtype)` (a `client.wire.MessageBuffer` factory); `finish()` is the message bytes."""
 
     __slots__ = ("_make", "_buffer")
 
