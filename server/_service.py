@@ -101,7 +101,9 @@ class InferenceService:
         return self.executor.run(context, self._infer_job, model, route, x, output, threads=route.threads,
                                  label=model.name)
 
-    def _infer_job(self, token, model, route, x, output):
+    def _infer_job(self, token, threads, model, route, x, output):
+        if threads < route.threads:  # fewer CPUs were free: the same layers planned for fewer threads
+            route = model.route(x.shape, threads, self.max_output_bytes)
         out = output(route.output_shape, model.dtype)
         if len(route.plans) == 1:
             return model.run(token, route, x, out, None)
@@ -124,9 +126,9 @@ class InferenceService:
         threads = convcore.resolve_num_threads(self.executor.omp_threads, flops=flops)
         return self.executor.run(context, self._conv_job, x, kernel, bias, options, shape, output, threads=threads)
 
-    def _conv_job(self, token, x, kernel, bias, options, shape, output):
+    def _conv_job(self, token, threads, x, kernel, bias, options, shape, output):
         out = output(shape, x.dtype)
-        return convcore.conv(x, kernel, bias, num_threads=self.executor.omp_threads, out=out, **options)
+        return convcore.conv(x, kernel, bias, num_threads=threads, out=out, **options)
 
 
 def install_probes(recorder):
