@@ -15,7 +15,7 @@ from ._errors import LimitExceeded
 from ._limits import check_count
 from ._model import _CHANNELS_LAST
 
-__all__ = ["InferenceService", "install_probes"]
+__all__ = ["InferenceService"]
 
 MIB = 1 << 20
 #: Room left in a response for everything that is not the tensor bytes (shape, names, framing).
@@ -130,20 +130,3 @@ class InferenceService:
         out = output(shape, x.dtype)
         return convcore.conv(x, kernel, bias, num_threads=threads, out=out, **options)
 
-
-def install_probes(recorder):
-    """Wrap this layout's request steps with `recorder`'s timers (scripts/request_breakdown.py, issue 10)."""
-    from . import _kserve, _servicer
-    from client import wire
-    recorder.patch(wire, "decode_infer_request", "grpc deserialize: wire decode")
-    recorder.patch(wire, "decode_model_infer_request", "grpc deserialize: wire decode")
-    recorder.patch(_servicer, "required_tensor", "decode input")
-    recorder.patch(_kserve, "_input", "decode input")
-    recorder.patch(InferenceService, "model", "lookup")
-    recorder.patch(InferenceService, "route", "checks + route cache")
-    recorder.patch(InferenceService, "infer", "service.infer (checks, slot, compute)")
-    import server._compute as compute
-    recorder.patch(compute.ComputeExecutor, "run", "executor.run (slot, compute)")
-    recorder.patch(InferenceService, "_infer_job", "job (response buffer + compute)")
-    recorder.patch(wire, "tensor_response", "encode: response buffer")
-    recorder.patch(wire, "model_infer_response", "encode: response buffer")
