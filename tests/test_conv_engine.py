@@ -23,7 +23,7 @@ from _reference import reference_conv, reference_output_shape
 
 convcore = pytest.importorskip("convcore")
 
-ALGORITHMS = ("gemm_direct", "im2col_gemm", "depthwise")
+ALGORITHMS = ("packed_gemm", "gemm_direct", "im2col_gemm", "depthwise")
 _PLAN_KEYWORDS = set(inspect.signature(convcore.make_plan).parameters)
 needs_algorithm = pytest.mark.skipif("algorithm" not in _PLAN_KEYWORDS,
                                      reason="convcore.make_plan has no algorithm= keyword (optional in this API)")
@@ -144,7 +144,7 @@ def test_results_independent_of_num_threads(name, data_format):
 @needs_tile_size
 @pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "conv1d", "conv3d"])
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "general"])
+@pytest.mark.parametrize("algorithm", ["auto", "packed", "blas", "im2col", "general"])
 def test_fixed_tiling_is_bitwise_independent_of_num_threads(name, data_format, algorithm):
     """With the tiling fixed, the thread count only decides who computes which tile: any difference is a race."""
     x, w, b, kw = _layer(name, data_format)
@@ -160,7 +160,7 @@ def test_fixed_tiling_is_bitwise_independent_of_num_threads(name, data_format, a
 @pytest.mark.parametrize("name", ["3x3", "3x3_s2_dil", "1x1_s2", "grouped", "depthwise_x2", "conv1d", "conv3d",
                                   "depthwise3d"])
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "general"])
+@pytest.mark.parametrize("algorithm", ["auto", "packed", "blas", "im2col", "general"])
 def test_results_independent_of_tile_size(name, data_format, algorithm):
     x, w, b, kw = _layer(name, data_format, dtype=np.float64)
     n_pixels = int(np.prod(reference_output_shape(x.shape, w.shape, **kw))) // w.shape[0 if data_format ==
@@ -174,7 +174,7 @@ def test_results_independent_of_tile_size(name, data_format, algorithm):
 @needs_tile_size
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=conv_configs([a for a in convcore.ACTIVATIONS if a in REFERENCE_ACTIVATIONS]),
-       algorithm=st.sampled_from(["auto", "im2col", "general"]), tile=st.one_of(st.none(), st.integers(1, 40)),
+       algorithm=st.sampled_from(["auto", "packed", "blas", "im2col", "general"]), tile=st.one_of(st.none(), st.integers(1, 40)),
        num_threads=st.sampled_from([1, 2, None]), batch_at_run=st.integers(1, 3))
 def test_plans_hypothesis(cfg, algorithm, tile, num_threads, batch_at_run):
     """Random layers through make_plan with a random algorithm, tile size and thread count, run at another batch."""
@@ -202,29 +202,31 @@ def test_general_path_agrees_with_fast_paths(name, data_format, dtype):
     x, w, b, kw = _layer(name, data_format, dtype)
     mag = magnitude(x, w, b, **{k: v for k, v in kw.items() if k != "activation"})
     results = {}
-    for algorithm in ("auto", "im2col", "general"):
+    for algorithm in ("auto", "packed", "blas", "im2col", "general"):
         plan = convcore.make_plan(x.shape, w, b, algorithm=algorithm, **kw)
         assert plan.algorithm in ALGORITHMS, plan.algorithm
         results[algorithm] = y = plan.run(x)
         _check_against_reference(y, x, w, b, kw, f"algorithm={algorithm} ({plan.algorithm})")
-    for algorithm in ("auto", "im2col"):
+    for algorithm in ("auto", "packed", "blas", "im2col"):
         assert_conv_close(results[algorithm], results["general"].astype(np.float64), 2 * mag, dtype,
                           f"{algorithm} vs general")
 
 
 @needs_algorithm
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("name, expected", [
-    ("1x1", "gemm_direct"),
-    ("3x3", "im2col_gemm"),
-    ("3x3_s2_dil", "im2col_gemm"),
-    ("grouped", "im2col_gemm"),
-    ("depthwise", "depthwise"),
-    ("depthwise_x2", "depthwise"),
+@pytest.mark.parametrize("name, auto, blas", [
+    ("1x1", "packed_gemm", "gemm_direct"),
+    ("3x3", "packed_gemm", "im2col_gemm"),
+    ("3x3_s2_dil", "packed_gemm", "im2col_gemm"),
+    ("grouped", "packed_gemm", "im2col_gemm"),
+    ("depthwise", "depthwise", "depthwise"),
+    ("depthwise_x2", "depthwise", "depthwise"),
 ])
-def test_auto_picks_the_documented_algorithm(data_format, name, expected):
+def test_auto_picks_the_documented_algorithm(data_format, name, auto, blas):
     x, w, b, kw = _layer(name, data_format)
-    assert convcore.make_plan(x.shape, w, b, **kw).algorithm == expected
+    assert convcore.make_plan(x.shape, w, b, **kw).algorithm == auto
+    assert convcore.make_plan(x.shape, w, b, algorithm="blas", **kw).algorithm == blas
+    assert convcore.make_plan(x.shape, w, b, algorithm="packed", **kw).algorithm == "packed_gemm"
     assert convcore.make_plan(x.shape, w, b, algorithm="im2col", **kw).algorithm == "im2col_gemm"
 
 
@@ -237,7 +239,7 @@ def test_1x1_with_stride_or_padding_is_not_plain_gemm(data_format, kw):
     x, w, b = make_arrays(rng, rank=2, batch=2, cin=6, cout=5, groups=1, spatial=(7, 8), ksize=(1, 1),
                           data_format=data_format, kernel_layout=None, dtype=np.float64)
     kw = dict(kw, data_format=data_format)
-    assert convcore.make_plan(x.shape, w, b, **kw).algorithm != "gemm_direct"
+    assert convcore.make_plan(x.shape, w, b, algorithm="blas", **kw).algorithm != "gemm_direct"
     check_conv(convcore.conv, x, w, b, **kw)
 
 
@@ -350,7 +352,7 @@ def test_non_contiguous_out_is_written_correctly_or_refused(data_format):
 @needs_algorithm
 @pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "conv1d", "conv3d", "grouped"])
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "general"])
+@pytest.mark.parametrize("algorithm", ["auto", "packed", "blas", "im2col", "general"])
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
 def test_nan_and_inf_propagate(name, data_format, algorithm, activation):
     x, w, b, kw = _layer(name, data_format, dtype=np.float64)
