@@ -153,6 +153,14 @@ class ConvPlan:
         self._pool = _WorkspacePool(self.dtype)
         self._ptr_pool = _WorkspacePool(np.intp)
         self._mr, self._nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, geo.channels_last)
+        self._narrow = False
+        if not geo.channels_last:
+            # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
+            # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
+            mr, nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, False, True)
+            P = math.prod(geo.out_spatial)
+            if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr:
+                self._narrow, self._nr = True, nr
         self._kc = min(_k_block, self._ck) if _k_block is not None else \
             k_block(self._nr, self.dtype.itemsize, self._ck)
 
@@ -240,7 +248,13 @@ class ConvPlan:
         if self._tile_size is not None:
             tile = min(self._tile_size, P)
         elif packed:
-            tile = min(P, pixel_tile(self._kc, itemsize, self._mr if geo.channels_last else self._nr))
+            align = self._mr if geo.channels_last else self._nr
+            tile = min(P, pixel_tile(self._kc, itemsize, align))
+            # Feed every thread by splitting pixels first (a channel split makes each chunk gather the same input
+            # again), down to a few panels per tile.
+            want = -(-2 * nthreads // (n * geo.groups))
+            if -(-P // tile) < want:
+                tile = min(tile, max(-(-P // want), 4 * align))
         elif self._algo == ALGO_DIRECT:
             # No column matrix: tiles only to give every thread work.
             per_item = max(1, -(-4 * nthreads // (n * geo.groups)))
@@ -258,7 +272,7 @@ class ConvPlan:
             mchunk = min(cog, self._channel_tile)
         else:
             mtiles = 1
-            if items < 2 * nthreads and cog >= 32:
+            if items < (nthreads if packed else 2 * nthreads) and cog >= 32:
                 # Too few pixel tiles to feed the team (small images, batch 1): split the output channels too.
                 mtiles = min(-(-2 * nthreads // items), cog // 16)
             mchunk = -(-cog // mtiles)
@@ -333,7 +347,7 @@ class ConvPlan:
         ptrs = self._ptr_pool.acquire(pws * nthreads) if pws else None
         try:
             geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
-                tile, mchunk, ws, self._kc, self._mr, self._nr)
+                tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow)
             _kernels.run(x.reshape(-1), self._w, self._bias, out.reshape(-1), work, geom,
                          int(geo.channels_last), self._algo, geo.act, self._has_bias, self._general, nthreads,
                          self._isa, ptrs, self._zeros)

@@ -13,7 +13,7 @@ __all__ = ["cache_sizes", "k_block", "pixel_tile"]
 DEFAULT_L1D = 32 * 1024
 DEFAULT_L2 = 512 * 1024
 #: Fraction of L1d given to the K block of the panel the micro-kernel re-reads for every tile.
-L1_SHARE = 0.5
+L1_SHARE = 0.75
 #: Fraction of L2 given to a work item's gathered input block (the rest holds the weights block and the output tile).
 L2_SHARE = 0.5
 

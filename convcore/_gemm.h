@@ -125,12 +125,17 @@ ATTR static void NAME(ptrdiff_t ntaps, ptrdiff_t klen, const S* const* ap, ptrdi
 #define CCG_A2_NCHW_NV 3
 #define CCG_A2_NHWC_MR 6
 #define CCG_A2_NHWC_NV 2
+/* The narrow NCHW variant (same MR, 2 vectors of pixels) for layers whose pixel count a 3-vector tile would
+ * round up badly (7x7 = 49 pixels: 2 x 48 wide, 2 x 32 narrow on AVX-512). The plan picks the one that wastes less. */
+#define CCG_NARROW_NV 2
 
 /* Portable: 16-byte GCC/Clang vectors (SSE2 on any x86-64, NEON on aarch64), no target attribute. */
 typedef float ccg_v4f __attribute__((vector_size(16)));
 typedef double ccg_v2d __attribute__((vector_size(16)));
 CCG_DEFINE_GEMM(ccg_gemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemm_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_port_f64, , double, ccg_v2d, 2, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 
@@ -144,10 +149,14 @@ typedef float ccg_v16f __attribute__((vector_size(64)));
 typedef double ccg_v8d __attribute__((vector_size(64)));
 CCG_DEFINE_GEMM(ccg_gemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_GEMM(ccg_gemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemm_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 #else
@@ -161,21 +170,23 @@ typedef struct {
     cc_gemm_f64_t gemm_f64;
     cc_igemm_f32_t igemm_f32;
     cc_igemm_f64_t igemm_f64;
+    cc_gemm_f32_t gemmn_f32;
+    cc_gemm_f64_t gemmn_f64;
     int nchw_mr, nchw_nv, nhwc_mr, nhwc_nv, vec_bytes;
 } cc_gemm_kernels;
 
 static const cc_gemm_kernels cc_gemm_table[3] = {
-    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
+    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64, ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
 #if CCG_HAVE_X86
-    {ccg_gemm_avx2_f32, ccg_gemm_avx2_f64, ccg_igemm_avx2_f32, ccg_igemm_avx2_f64,
+    {ccg_gemm_avx2_f32, ccg_gemm_avx2_f64, ccg_igemm_avx2_f32, ccg_igemm_avx2_f64, ccg_gemmn_avx2_f32, ccg_gemmn_avx2_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 32},
-    {ccg_gemm_avx512_f32, ccg_gemm_avx512_f64, ccg_igemm_avx512_f32, ccg_igemm_avx512_f64,
+    {ccg_gemm_avx512_f32, ccg_gemm_avx512_f64, ccg_igemm_avx512_f32, ccg_igemm_avx512_f64, ccg_gemmn_avx512_f32, ccg_gemmn_avx512_f64,
      CCG_A512_NCHW_MR, CCG_A512_NCHW_NV, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV, 64},
 #else
-    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
+    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64, ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
-    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
+    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64, ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
 #endif
 };
@@ -187,13 +198,13 @@ static const cc_gemm_kernels* cc_gemm_pick(int isa)
     return &cc_gemm_table[isa];
 }
 
-/* MR and NR (elements) of the kernel for (level, itemsize, layout). */
-static void cc_gemm_shape(int isa, int itemsize, int nhwc, int* mr, int* nr)
+/* MR and NR (elements) of the kernel for (level, itemsize, layout, narrow NCHW variant). */
+static void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 {
     const cc_gemm_kernels* k = cc_gemm_pick(isa);
     int vl = k->vec_bytes / itemsize;
     *mr = nhwc ? k->nhwc_mr : k->nchw_mr;
-    *nr = (nhwc ? k->nhwc_nv : k->nchw_nv) * vl;
+    *nr = (nhwc ? k->nhwc_nv : (narrow ? CCG_NARROW_NV : k->nchw_nv)) * vl;
 }
 
 #endif

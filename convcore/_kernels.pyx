@@ -29,8 +29,10 @@ cdef extern from "_gemm.h" nogil:
         cc_gemm_f64_t gemm_f64
         cc_igemm_f32_t igemm_f32
         cc_igemm_f64_t igemm_f64
+        cc_gemm_f32_t gemmn_f32
+        cc_gemm_f64_t gemmn_f64
     const cc_gemm_kernels* cc_gemm_pick(int isa)
-    void cc_gemm_shape(int isa, int itemsize, int nhwc, int* mr, int* nr)
+    void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 
 # Algorithms (kept in sync with convcore._api)
 cdef enum:
@@ -48,6 +50,7 @@ cdef struct Geom:
     bint has_bias, general
     int isa                      # kernel level (0 portable, 1 avx2, 2 avx512: _isa.h), chosen when the plan was made
     idx_t kc, MR, NR             # packed path: K block, micro-kernel tile (elements)
+    bint narrow                  # packed NCHW: the narrow (2-vector) kernel variant
     const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
 
 
@@ -365,9 +368,9 @@ cdef void _item_nhwc(const Geom* g, const floating* x, const floating* w, const 
 cdef inline void _ukr(const Geom* g, idx_t K, const floating* a, const floating* b, floating* c, idx_t ldc,
                       idx_t mr, idx_t nr, int add) noexcept nogil:
     if floating is float:
-        g.kern.gemm_f32(K, a, b, c, ldc, mr, nr, add)
+        (g.kern.gemmn_f32 if g.narrow else g.kern.gemm_f32)(K, a, b, c, ldc, mr, nr, add)
     else:
-        g.kern.gemm_f64(K, a, b, c, ldc, mr, nr, add)
+        (g.kern.gemmn_f64 if g.narrow else g.kern.gemm_f64)(K, a, b, c, ldc, mr, nr, add)
 
 
 cdef inline void _iukr(const Geom* g, idx_t ntaps, idx_t klen, const floating** ap, idx_t koff, const floating* b,
@@ -495,10 +498,10 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
     _epilogue_cols(c, T, M, g.Cout, bias + co0 if g.has_bias else NULL, g.act)
 
 
-def gemm_shape(int isa, int itemsize, bint channels_last):
+def gemm_shape(int isa, int itemsize, bint channels_last, bint narrow=False):
     """(MR, NR) of the packed micro-kernel the plan will run (for its weight packing and tiling)."""
     cdef int mr, nr
-    cc_gemm_shape(isa, itemsize, channels_last, &mr, &nr)
+    cc_gemm_shape(isa, itemsize, channels_last, narrow, &mr, &nr)
     return mr, nr
 
 
@@ -646,12 +649,12 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     """Run one planned convolution. Called only by convcore._api.ConvPlan, which has checked every size.
 
     geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mchunk, ws,
-    kc, MR, NR). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs `ptrs` (the
+    kc, MR, NR, narrow). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs `ptrs` (the
     per-thread pointer workspace, ws_ptrs = ceil(tile / MR) * MR * KK entries per thread) and `zeros` (Cig zeros).
     """
     cdef Geom g
     (g.N, g.C, g.D, g.H, g.W, g.Cout, g.G, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
-     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR) = geom
+     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR, g.narrow) = geom
     g.Cig = g.C // g.G
     g.Cog = g.Cout // g.G
     g.P = g.OD * g.OH * g.OW
