@@ -97,7 +97,11 @@ def _traced_steps(torch, module, path):
         if node.op != "call_module":
             raise invalid_argument(f"{label}: forward has {node.op} {getattr(node.target, '__name__', node.target)}"
                                    f" (fx node {node.name!r}); only calls of submodules in a chain are supported")
-        if tuple(node.args) != (previous,) or node.kwargs or len(previous.users) != 1:
+        if len(previous.users) != 1:
+            users = ", ".join(user.name for user in previous.users)
+            raise invalid_argument(f"{label}: a branch: fx node {previous.name!r} feeds {len(previous.users)} nodes "
+                                   f"({users}); only a chain (no branches or residual connections) can be registered")
+        if tuple(node.args) != (previous,) or node.kwargs:
             raise invalid_argument(f"{label}: forward calls {node.target!r} on something other than the previous "
                                    f"step's output alone (fx node {node.name!r}); only a chain can be registered")
         sub = module.get_submodule(node.target)
@@ -119,6 +123,8 @@ def _check_dtype(torch, where, tensor):
 
 def _map(torch, chain, where, sub):
     nn = torch.nn
+    if isinstance(sub, nn.modules.lazy.LazyModuleMixin) and sub.has_uninitialized_params():
+        raise invalid_argument(f"{where}: its parameters are not initialized yet; run the module once first")
     if sub._forward_hooks or sub._forward_pre_hooks:
         raise invalid_argument(f"{where}: it has forward hooks, which change its output in ways the import cannot "
                                f"see; remove them (torch.nn.utils.remove_weight_norm for the old weight_norm)")
@@ -126,8 +132,6 @@ def _map(torch, chain, where, sub):
     if base is not object and type(sub).forward is not base.forward:
         raise invalid_argument(f"{where}: it subclasses {base.__name__} and overrides forward, which the import "
                                f"cannot read; use {base.__name__} itself")
-    if isinstance(sub, nn.modules.lazy.LazyModuleMixin) and sub.has_uninitialized_params():
-        raise invalid_argument(f"{where}: its parameters are not initialized yet; run the module once first")
     if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         _conv(torch, chain, where, sub)
     elif isinstance(sub, nn.modules.batchnorm._BatchNorm):
