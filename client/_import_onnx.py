@@ -107,6 +107,8 @@ class _Graph:
                                    f"({[o.name for o in graph.output]}); a registered model has exactly one")
         self._input, self._output = inputs[0], graph.output[0].name
         self._spatial = self._static_spatial(inputs[0])
+        tensor_type = inputs[0].type.tensor_type
+        self._rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
         self._chain = LayerChain("ONNX model")
 
     @staticmethod
@@ -270,6 +272,10 @@ class _Graph:
             raise invalid_argument(f"{where}: a weight of shape {kernel.shape} is not a 1-D, 2-D or 3-D convolution's")
         bias = self._weight(node, 2, "bias") if len(node.input) > 2 and node.input[2] else None
         nsp = kernel.ndim - 2
+        if self._rank is not None and self._rank != kernel.ndim:
+            raise invalid_argument(f"{where}: a {nsp}-D convolution (weight of shape {kernel.shape}) on the graph "
+                                   f"input {self._input.name!r} of rank {self._rank}; expected rank {kernel.ndim} "
+                                   f"(batch, channels, {nsp} spatial dims)")
         ksize = tuple(kernel.shape[2:])
 
         def ints(key, default, count):

@@ -353,6 +353,8 @@ _REFUSALS = {
     "no conv": ([helper.make_node("Identity", ["x"], ["y"], name="id")], {}, r"the ONNX model has no convolution"),
     "other domain": ([_conv(), helper.make_node("FusedThing", ["a"], ["y"], name="ms", domain="com.microsoft")], _W,
                      r"node 'ms' \(com.microsoft::FusedThing\): ops of domain 'com.microsoft' are not supported"),
+    "rank mismatch": ([_conv(y="y")], _W, r"node 'conv' \(Conv\): a 2-D convolution \(weight of shape \(3, 3, 3, 3\)\) "
+                                          r"on the graph input 'x' of rank 3", 13, [1, 3, 8]),
     "opset 6": ([_conv(y="y")], _W, r"opset 6 is not supported; opsets 7 to \d+ are", 6),
 }
 
