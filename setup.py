@@ -3,7 +3,10 @@
 Environment switches:
   CONVCORE_NO_OPENMP=1    build without OpenMP (everything still works, sequentially)
   CONVCORE_DEBUG=1        Cython bounds/wraparound checks on, -O0 -g (for a debug run)
-  CONVCORE_NO_NATIVE=1    do not compile with -march=native (portable wheels / container images)
+  CONVCORE_NO_NATIVE=1    do not compile with -march=native (portable wheels / container images). The GEMM
+                          micro-kernels (convcore/_gemm.h) do not depend on it: each CPU level is compiled with its
+                          own per-function target attribute and picked at run time, so such a build runs the same
+                          kernels as a native one.
 """
 import glob
 import os
@@ -175,7 +178,7 @@ setup(
     description="Convolution inference microservice: a Cython/OpenMP im2col+GEMM engine behind gRPC (KServe v2 compatible)",
     python_requires=">=3.10",
     packages=find_packages(HERE, include=["convcore", "convcore.*", "server", "server.*", "client", "client.*",
-                                          GENERATED_PKG, GENERATED_PKG + ".*"]),
+                                          "benchmarks", "benchmarks.*", GENERATED_PKG, GENERATED_PKG + ".*"]),
     package_data={"convcore": ["*.pxd", "*.pyx"]},
     ext_modules=_extensions(),
     cmdclass={"build_py": BuildPyWithStubs, "generate_stubs": GenerateStubs},
