@@ -12,8 +12,7 @@ from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
 from ._threads import limit_scipy_blas, resolve_num_threads
 
 __all__ = ["ACTIVATIONS", "ALGORITHMS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes",
-           "make_plan",
-           "output_shape", "set_max_output_bytes"]
+           "make_plan", "output_shape", "set_max_output_bytes"]
 
 ALGO_IM2COL, ALGO_DIRECT, ALGO_DEPTHWISE, ALGO_PACKED = 0, 1, 2, 3
 _ALGO_NAMES = {ALGO_IM2COL: "im2col_gemm", ALGO_DIRECT: "gemm_direct", ALGO_DEPTHWISE: "depthwise",
