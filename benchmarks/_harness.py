@@ -257,6 +257,28 @@ class ServerProcess(ChildProcess):
                           "--model-repository", self.repository, *self.args],
                          name="server", workdir=os.path.dirname(log_path), cwd=cwd, env=env, log_path=log_path)
 
+    @classmethod
+    def temporary(cls, *args, prefix="server-", env=None):
+        """A server whose repository (``models/``), working directory (``work/``) and log (``server.log``) live in a
+        new temporary folder (``.base``), which :meth:`cleanup` removes.
+
+        Parameters
+        ----------
+        *args : str
+            Extra command-line flags.
+        prefix : str
+            Of the temporary folder's name.
+        env : dict, optional
+            Extra environment variables.
+        """
+        base = tempfile.mkdtemp(prefix=prefix)
+        work = os.path.join(base, "work")
+        os.makedirs(work)
+        proc = cls(os.path.join(base, "models"), *args, env=env, cwd=work, log_path=os.path.join(base, "server.log"))
+        proc.base = base
+        proc._own_workdir = True  # the work folder is `base`: cleanup() removes it
+        return proc
+
     def _wait_ready(self, deadline):
         """Ask ``grpc.health.v1`` until it says SERVING (a TLS server is taken as ready once its port is written)."""
         if "--tls-cert" in self.args:

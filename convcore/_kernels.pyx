@@ -538,8 +538,9 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
                                 floating* out, idx_t it) noexcept nogil:
     """One output plane (n, co) of a depthwise layer (groups == C, Cog = channel multiplier).
 
-    Kernel taps outermost: each tap is one multiply-add pass over the output plane (which stays in L1), its inner
-    loop contiguous over the output row for stride 1, so the compiler vectorizes it.
+    At level avx2/avx512 the ISA kernel of _dw_simd.h does the plane. The portable loop below puts kernel taps
+    outermost: each tap is one multiply-add pass over the output plane (which stays in L1), its inner loop
+    contiguous over the output row for stride 1, so the compiler vectorizes it.
     """
     cdef idx_t n = it // g.Cout, co = it % g.Cout
     cdef idx_t ci = co // g.Cog
@@ -551,6 +552,19 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
     cdef floating wv, b0 = bias[co] if g.has_bias else 0
     cdef floating* orow
     cdef const floating* irow
+    cdef cc_dwg dg
+    cdef int done
+    if g.isa > 0:
+        # AVX2 / AVX-512: output rows in vector registers, bias and relu/relu6 fused (_dw_tmpl.h).
+        _dw_fill(g, &dg)
+        if floating is float:
+            done = cc_dw_nchw_plane_f32(g.isa, &dg, xp, wk, b0, op)
+        else:
+            done = cc_dw_nchw_plane_f64(g.isa, &dg, xp, wk, b0, op)
+        if done:
+            if g.act > 2:
+                _activate(op, OP, g.act)
+            return
     for j in range(OP):
         op[j] = b0
     for kd in range(g.KD):
@@ -580,6 +594,17 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
 
 cdef extern from "_dw_simd.h" nogil:
     int CC_DW_PIX
+    ctypedef struct cc_dwg:
+        idx_t C, Cout, D, H, W, OD, OH, OW
+        idx_t KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW
+        int act
+    # ISA kernels: return 1 when they ran, 0 when the caller's portable loop must (level 0, non-x86, ...).
+    int cc_dw_nchw_plane_f32(int isa, const cc_dwg* g, const float* xp, const float* wk, float b0, float* op)
+    int cc_dw_nchw_plane_f64(int isa, const cc_dwg* g, const double* xp, const double* wk, double b0, double* op)
+    int cc_dw_nhwc_row_f32(int isa, const cc_dwg* g, const float* xn, const float* w, const float* bias,
+                           float* orow, idx_t od, idx_t oh)
+    int cc_dw_nhwc_row_f64(int isa, const cc_dwg* g, const double* xn, const double* w, const double* bias,
+                           double* orow, idx_t od, idx_t oh)
     void cc_dw_block_f32(const float* xn, const float* w, const float* bias, float* o, idx_t od, idx_t oh,
                          idx_t ow0, idx_t cb, idx_t KD, idx_t KH, idx_t KW, idx_t SD, idx_t SH, idx_t SW,
                          idx_t DD, idx_t DH, idx_t DW, idx_t PD, idx_t PH, idx_t PW, idx_t D, idx_t H, idx_t W,
@@ -588,6 +613,19 @@ cdef extern from "_dw_simd.h" nogil:
                          idx_t ow0, idx_t cb, idx_t KD, idx_t KH, idx_t KW, idx_t SD, idx_t SH, idx_t SW,
                          idx_t DD, idx_t DH, idx_t DW, idx_t PD, idx_t PH, idx_t PW, idx_t D, idx_t H, idx_t W,
                          idx_t C, idx_t Cout)
+
+
+cdef inline void _dw_fill(const Geom* g, cc_dwg* d) noexcept nogil:
+    """The layer as the ISA depthwise kernels take it (their own struct, so _dw_simd.h needs nothing from here)."""
+    d.C = g.C
+    d.Cout = g.Cout
+    d.D, d.H, d.W = g.D, g.H, g.W
+    d.OD, d.OH, d.OW = g.OD, g.OH, g.OW
+    d.KD, d.KH, d.KW = g.KD, g.KH, g.KW
+    d.SD, d.SH, d.SW = g.SD, g.SH, g.SW
+    d.DD, d.DH, d.DW = g.DD, g.DH, g.DW
+    d.PD, d.PH, d.PW = g.PD, g.PH, g.PW
+    d.act = g.act
 
 
 cdef inline void _dw_nhwc_block(const Geom* g, const floating* xn, const floating* w, const floating* bias,
@@ -608,7 +646,7 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     Interior pixels (all taps inside the input along W) with channel multiplier 1 go through _dw_nhwc_block:
     CC_DW_PIX pixels x one channel block held in registers across all taps. Border pixels, leftover channels and
     multipliers > 1 take the plain loop, which accumulates in the output. `bias` is never NULL here (zeros when the
-    layer has none).
+    layer has none). At level avx2/avx512 with multiplier 1 the ISA row kernel of _dw_simd.h does the whole row.
     """
     cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
     cdef floating* orow = out + it * g.OW * g.Cout
@@ -618,6 +656,19 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     cdef idx_t cfull = (C // block) * block if g.Cog == 1 else 0
     cdef const floating* xn = x + n * g.D * g.H * g.W * C
     cdef bint interior
+    cdef cc_dwg dg
+    cdef int done
+    if g.isa > 0 and g.Cog == 1:
+        # AVX2 / AVX-512 row kernel: every pixel vectorized over channels, borders and channel tails masked.
+        _dw_fill(g, &dg)
+        if floating is float:
+            done = cc_dw_nhwc_row_f32(g.isa, &dg, xn, w, bias, orow, od, oh)
+        else:
+            done = cc_dw_nhwc_row_f64(g.isa, &dg, xn, w, bias, orow, od, oh)
+        if done:
+            if g.act > 2:
+                _activate(orow, g.OW * Cout, g.act)
+            return
     ow = 0
     while ow < g.OW:
         interior = (cfull > 0 and ow + CC_DW_PIX <= g.OW and ow * g.SW - g.PW >= 0
