@@ -5,7 +5,11 @@
  * A micro-kernel computes one MR x NR tile of C over K (STYLE.md 17): C[i][j] (+)= sum_k A(i, k) * B[k][j], the
  * accumulators in vector registers (NV vectors of VL lanes per row, NR = NV * VL), A broadcast one scalar at a time,
  * B loaded a vector at a time from a packed panel (B[k][0..NR) contiguous, k-major). Two kinds:
- *   - "gemm":  A packed too, A[k][0..MR) contiguous.  NCHW: A = weights (packed once in the plan), B = input panel.
+ *   - "gemm":  A packed too, A[k][0..MR) contiguous; B rows ldb apart (NR for a packed panel). NCHW: A = weights
+ *              (packed once in the plan), B = the gathered input tile itself (rows of the column matrix, ldb = the
+ *              tile's padded width: no second copy into panels). NHWC with few channels per group: A = input pixels
+ *              gathered into [k][MR] panels (a tap of 3 channels is too short for igemm's pointer reloads),
+ *              B = weights packed in the plan.
  *   - "igemm": A reached through MR row pointers per kernel tap (XNNPACK's indirection, STYLE.md 18): row i of tap t
  *              is ap[t*MR + i][koff .. koff+klen).  NHWC: A = input pixels straight from the tensor (padding points
  *              at a row of zeros), B = weights packed once in the plan.
@@ -27,9 +31,10 @@
 #include <string.h>
 #include "_isa.h"
 
-typedef void (*cc_gemm_f32_t)(ptrdiff_t, const float*, const float*, float*, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
-typedef void (*cc_gemm_f64_t)(ptrdiff_t, const double*, const double*, double*, ptrdiff_t, ptrdiff_t, ptrdiff_t,
-                              int);
+typedef void (*cc_gemm_f32_t)(ptrdiff_t, const float*, const float*, ptrdiff_t, float*, ptrdiff_t, ptrdiff_t,
+                              ptrdiff_t, int);
+typedef void (*cc_gemm_f64_t)(ptrdiff_t, const double*, const double*, ptrdiff_t, double*, ptrdiff_t, ptrdiff_t,
+                              ptrdiff_t, int);
 typedef void (*cc_igemm_f32_t)(ptrdiff_t, ptrdiff_t, const float* const*, ptrdiff_t, const float*, float*, ptrdiff_t,
                                ptrdiff_t, ptrdiff_t, int);
 typedef void (*cc_igemm_f64_t)(ptrdiff_t, ptrdiff_t, const double* const*, ptrdiff_t, const double*, double*,
@@ -64,10 +69,10 @@ typedef void (*cc_igemm_f64_t)(ptrdiff_t, ptrdiff_t, const double* const*, ptrdi
         }                                                                                                       \
     }
 
-/* gemm kind: A[K][MR], B[K][NR] packed. */
+/* gemm kind: A[K][MR] packed, B[K] rows of NR, ldb apart. */
 #define CCG_DEFINE_GEMM(NAME, ATTR, S, V, VL, MR, NV)                                                          \
-ATTR static void NAME(ptrdiff_t K, const S* a, const S* b, S* c, ptrdiff_t ldc, ptrdiff_t mr, ptrdiff_t nr,     \
-                      int add)                                                                                  \
+ATTR static void NAME(ptrdiff_t K, const S* a, const S* b, ptrdiff_t ldb, S* c, ptrdiff_t ldc, ptrdiff_t mr,    \
+                      ptrdiff_t nr, int add)                                                                    \
 {                                                                                                               \
     V acc[MR][NV];                                                                                              \
     CCG_UNROLL(16) for (int i = 0; i < (MR); i++) {                                                             \
@@ -81,7 +86,7 @@ ATTR static void NAME(ptrdiff_t K, const S* a, const S* b, S* c, ptrdiff_t ldc, 
             CCG_UNROLL(4) for (int v = 0; v < (NV); v++) acc[i][v] += ai * bv[v];                               \
         }                                                                                                       \
         a += (MR);                                                                                              \
-        b += (NV) * (VL);                                                                                       \
+        b += ldb;                                                                                               \
     }                                                                                                           \
     CCG_STORE_TILE(S, V, VL, MR, NV)                                                                            \
 }
@@ -136,6 +141,8 @@ CCG_DEFINE_GEMM(ccg_gemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_A2_N
 CCG_DEFINE_GEMM(ccg_gemm_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmh_port_f32, , float, ccg_v4f, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
+CCG_DEFINE_GEMM(ccg_gemmh_port_f64, , double, ccg_v2d, 2, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_port_f64, , double, ccg_v2d, 2, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 
@@ -151,12 +158,16 @@ CCG_DEFINE_GEMM(ccg_gemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR
 CCG_DEFINE_GEMM(ccg_gemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmh_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
+CCG_DEFINE_GEMM(ccg_gemmh_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_GEMM(ccg_gemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemm_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmh_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
+CCG_DEFINE_GEMM(ccg_gemmh_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 #else
@@ -172,21 +183,33 @@ typedef struct {
     cc_igemm_f64_t igemm_f64;
     cc_gemm_f32_t gemmn_f32;
     cc_gemm_f64_t gemmn_f64;
+    cc_gemm_f32_t gemmh_f32;
+    cc_gemm_f64_t gemmh_f64;
     int nchw_mr, nchw_nv, nhwc_mr, nhwc_nv, vec_bytes;
 } cc_gemm_kernels;
 
 static const cc_gemm_kernels cc_gemm_table[3] = {
-    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64, ccg_gemmn_port_f32, ccg_gemmn_port_f64,
+    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
+     ccg_gemmn_port_f32, ccg_gemmn_port_f64,
+     ccg_gemmh_port_f32, ccg_gemmh_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
 #if CCG_HAVE_X86
-    {ccg_gemm_avx2_f32, ccg_gemm_avx2_f64, ccg_igemm_avx2_f32, ccg_igemm_avx2_f64, ccg_gemmn_avx2_f32, ccg_gemmn_avx2_f64,
+    {ccg_gemm_avx2_f32, ccg_gemm_avx2_f64, ccg_igemm_avx2_f32, ccg_igemm_avx2_f64,
+     ccg_gemmn_avx2_f32, ccg_gemmn_avx2_f64,
+     ccg_gemmh_avx2_f32, ccg_gemmh_avx2_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 32},
-    {ccg_gemm_avx512_f32, ccg_gemm_avx512_f64, ccg_igemm_avx512_f32, ccg_igemm_avx512_f64, ccg_gemmn_avx512_f32, ccg_gemmn_avx512_f64,
+    {ccg_gemm_avx512_f32, ccg_gemm_avx512_f64, ccg_igemm_avx512_f32, ccg_igemm_avx512_f64,
+     ccg_gemmn_avx512_f32, ccg_gemmn_avx512_f64,
+     ccg_gemmh_avx512_f32, ccg_gemmh_avx512_f64,
      CCG_A512_NCHW_MR, CCG_A512_NCHW_NV, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV, 64},
 #else
-    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64, ccg_gemmn_port_f32, ccg_gemmn_port_f64,
+    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
+     ccg_gemmn_port_f32, ccg_gemmn_port_f64,
+     ccg_gemmh_port_f32, ccg_gemmh_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
-    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64, ccg_gemmn_port_f32, ccg_gemmn_port_f64,
+    {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
+     ccg_gemmn_port_f32, ccg_gemmn_port_f64,
+     ccg_gemmh_port_f32, ccg_gemmh_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
 #endif
 };

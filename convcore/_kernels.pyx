@@ -18,8 +18,8 @@ from ._blas cimport floating, gemm_rm
 ctypedef Py_ssize_t idx_t
 
 cdef extern from "_gemm.h" nogil:
-    ctypedef void (*cc_gemm_f32_t)(idx_t, const float*, const float*, float*, idx_t, idx_t, idx_t, int)
-    ctypedef void (*cc_gemm_f64_t)(idx_t, const double*, const double*, double*, idx_t, idx_t, idx_t, int)
+    ctypedef void (*cc_gemm_f32_t)(idx_t, const float*, const float*, idx_t, float*, idx_t, idx_t, idx_t, int)
+    ctypedef void (*cc_gemm_f64_t)(idx_t, const double*, const double*, idx_t, double*, idx_t, idx_t, idx_t, int)
     ctypedef void (*cc_igemm_f32_t)(idx_t, idx_t, const float* const*, idx_t, const float*, float*, idx_t,
                                     idx_t, idx_t, int)
     ctypedef void (*cc_igemm_f64_t)(idx_t, idx_t, const double* const*, idx_t, const double*, double*, idx_t,
@@ -31,6 +31,8 @@ cdef extern from "_gemm.h" nogil:
         cc_igemm_f64_t igemm_f64
         cc_gemm_f32_t gemmn_f32
         cc_gemm_f64_t gemmn_f64
+        cc_gemm_f32_t gemmh_f32
+        cc_gemm_f64_t gemmh_f64
     const cc_gemm_kernels* cc_gemm_pick(int isa)
     void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 
@@ -51,6 +53,7 @@ cdef struct Geom:
     int isa                      # kernel level (0 portable, 1 avx2, 2 avx512: _isa.h), chosen when the plan was made
     idx_t kc, MR, NR             # packed path: K block, micro-kernel tile (elements)
     bint narrow                  # packed NCHW: the narrow (2-vector) kernel variant
+    bint apack                   # packed NHWC: gather the pixels into A panels (few channels per group)
     const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
 
 
@@ -365,12 +368,21 @@ cdef void _item_nhwc(const Geom* g, const floating* x, const floating* w, const 
 
 
 # ---------------------------------------------------------------------------------------------- packed kernels
-cdef inline void _ukr(const Geom* g, idx_t K, const floating* a, const floating* b, floating* c, idx_t ldc,
-                      idx_t mr, idx_t nr, int add) noexcept nogil:
+cdef inline void _ukr(const Geom* g, idx_t K, const floating* a, const floating* b, idx_t ldb, floating* c,
+                      idx_t ldc, idx_t mr, idx_t nr, int add) noexcept nogil:
     if floating is float:
-        (g.kern.gemmn_f32 if g.narrow else g.kern.gemm_f32)(K, a, b, c, ldc, mr, nr, add)
+        (g.kern.gemmn_f32 if g.narrow else g.kern.gemm_f32)(K, a, b, ldb, c, ldc, mr, nr, add)
     else:
-        (g.kern.gemmn_f64 if g.narrow else g.kern.gemm_f64)(K, a, b, c, ldc, mr, nr, add)
+        (g.kern.gemmn_f64 if g.narrow else g.kern.gemm_f64)(K, a, b, ldb, c, ldc, mr, nr, add)
+
+
+cdef inline void _hukr(const Geom* g, idx_t K, const floating* a, const floating* b, floating* c, idx_t ldc,
+                       idx_t mr, idx_t nr, int add) noexcept nogil:
+    """The gemm kind in the NHWC tile shape: A = pixels packed [k][MR], B = weights packed [k][NR]."""
+    if floating is float:
+        g.kern.gemmh_f32(K, a, b, g.NR, c, ldc, mr, nr, add)
+    else:
+        g.kern.gemmh_f64(K, a, b, g.NR, c, ldc, mr, nr, add)
 
 
 cdef inline void _iukr(const Geom* g, idx_t ntaps, idx_t klen, const floating** ap, idx_t koff, const floating* b,
@@ -385,11 +397,12 @@ cdef void _item_packed_nchw(const Geom* g, const floating* x, const floating* wp
                             floating* out, floating* ws, idx_t it, bint direct) noexcept nogil:
     """One work item, NCHW: out[M channels, T pixels] = W · col with the packed micro-kernels.
 
-    Per K block of kc rows, the input rows are gathered straight into B panels ([kc][NR] per NR pixels, k-major,
-    zero-padded past T) in this thread's workspace: the im2col row logic writes one row into a line buffer that is
-    then dealt out to the panels (L1-resident), or, for 1x1/stride 1/no padding, the input row itself is dealt out.
-    Then for each B panel (kept in L1) every MR-channel weight panel (packed in the plan, streamed from L2) runs the
-    micro-kernel. m0 is a multiple of MR (the plan rounds channel chunks), so chunks start on a panel.
+    Per K block of kc rows, the rows of the column matrix are gathered straight from the tensor into this thread's
+    tile (kc rows of T pixels, ldb apart, zero-padded to whole NR panels): the im2col row logic, or for 1x1/stride
+    1/no padding one memcpy of the input row. The micro-kernel reads its B panel (NR pixels x kc rows, in L1) from
+    that tile in place, and every MR-channel weight panel (packed in the plan, streamed from L2) runs over it. The
+    row stride ldb is an odd number of cache lines, so the kc rows of a panel spread over all L1 sets. m0 is a
+    multiple of MR (the plan rounds channel chunks), so chunks start on a weight panel.
     """
     cdef idx_t n, grp, p0, T, m0, M, co0
     _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
@@ -398,47 +411,45 @@ cdef void _item_packed_nchw(const Geom* g, const floating* x, const floating* wp
     co0 = grp * g.Cog + m0
     cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, P = g.P
     cdef idx_t npan = _ceil_div(T, NR), Tp = npan * NR, mpan = _ceil_div(M, MR)
+    cdef idx_t line = 64 // sizeof(floating)
+    cdef idx_t ldb = Tp + line if (Tp // line) % 2 == 0 else Tp
     cdef idx_t mpg = _ceil_div(g.Cog, MR)
-    cdef floating* bpk = ws
-    cdef floating* line = ws + g.kc * Tp
     cdef const floating* xg = x + (n * g.C + grp * g.Cig) * (g.D * g.H * g.W)
     cdef floating* c = out + (n * g.Cout + co0) * P + p0
     cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
-    cdef idx_t k0, kl, r, jp, mp, nr, last
-    cdef const floating* src
-    memset(line + T, 0, (Tp - T) * sizeof(floating))
-    last = T - (npan - 1) * NR
+    cdef idx_t k0, kl, r, jp, mp, nr
+    cdef floating* dst
     k0 = 0
     while k0 < CK:
         kl = g.kc if CK - k0 > g.kc else CK - k0
         for r in range(k0, k0 + kl):
+            dst = ws + (r - k0) * ldb
             if direct:
-                src = xg + r * P + p0
-                for jp in range(npan - 1):
-                    memcpy(bpk + (jp * kl + r - k0) * NR, src + jp * NR, NR * sizeof(floating))
-                memcpy(line, src + (npan - 1) * NR, last * sizeof(floating))
-                memcpy(bpk + ((npan - 1) * kl + r - k0) * NR, line, NR * sizeof(floating))
+                memcpy(dst, xg + r * P + p0, T * sizeof(floating))
             else:
-                _im2col_nchw_row(g, xg, line, r, p0, T)
-                for jp in range(npan):
-                    memcpy(bpk + (jp * kl + r - k0) * NR, line + jp * NR, NR * sizeof(floating))
+                _im2col_nchw_row(g, xg, dst, r, p0, T)
+            if Tp > T:
+                memset(dst + T, 0, (Tp - T) * sizeof(floating))
         for jp in range(npan):
             nr = NR if T - jp * NR > NR else T - jp * NR
             for mp in range(mpan):
-                _ukr(g, kl, wg + (mp * CK + k0) * MR, bpk + jp * kl * NR, c + mp * MR * P + jp * NR, P,
+                _ukr(g, kl, wg + (mp * CK + k0) * MR, ws + jp * NR, ldb, c + mp * MR * P + jp * NR, P,
                      MR if M - mp * MR > MR else M - mp * MR, nr, k0 > 0)
         k0 += kl
     _epilogue_rows(c, M, T, P, bias + co0 if g.has_bias else NULL, g.act)
 
 
 cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp, const floating* bias,
-                            floating* out, const floating** ptrs, const floating* zeros, idx_t it) noexcept nogil:
+                            floating* out, const floating** ptrs, const floating* zeros, floating* ws,
+                            idx_t it) noexcept nogil:
     """One work item, NHWC: out[T pixels, M channels] = col · W with the indirect (igemm) micro-kernels.
 
     No column matrix at all: for each MR pixels and each kernel tap, a pointer to the Cig input channels that tap
     reads (or to `zeros` for padding and for the missing pixels of the last MR group), built once per item in this
     thread's pointer workspace. The weights are packed in the plan as [channel panel][tap][ci][NR]. K blocks are
     whole taps (kc // Cig of them) or, when one tap has more than kc channels, a channel range of one tap.
+    With few channels per group (g.apack: conv1's 3), a tap is too short to pay for reloading MR pointers, so each
+    K block is first gathered through the pointers into [k][MR] pixel panels in `ws` and run by the gemm kind.
     """
     cdef idx_t n, grp, p0, T, m0, M, co0
     _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
@@ -450,8 +461,10 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
     cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * Cig
     cdef floating* c = out + (n * g.P + p0) * g.Cout + co0
     cdef const floating* wg = wp + (grp * npg + m0 // NR) * CK * NR
-    cdef idx_t mp, i, p, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp
+    cdef idx_t mp, i, p, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb
     cdef const floating** pp
+    cdef const floating* src
+    cdef floating* ap
     for mp in range(mpan):
         for i in range(MR):
             pp = ptrs + mp * KK * MR + i
@@ -485,11 +498,26 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
         else:
             nt = taps_per_block if KK - t0 > taps_per_block else KK - t0
             kl = Cig
-        for jp in range(npan):
+        if g.apack:
+            kb = nt * kl
             for mp in range(mpan):
-                _iukr(g, nt, kl, ptrs + (mp * KK + t0) * MR, koff, wg + (jp * CK + t0 * Cig + koff) * NR,
-                      c + mp * MR * g.Cout + jp * NR, g.Cout, MR if T - mp * MR > MR else T - mp * MR,
-                      NR if M - jp * NR > NR else M - jp * NR, t0 > 0 or koff > 0)
+                for tt in range(nt):
+                    for i in range(MR):
+                        src = ptrs[(mp * KK + t0 + tt) * MR + i] + koff
+                        ap = ws + (mp * kb + tt * kl) * MR + i
+                        for ci in range(kl):
+                            ap[ci * MR] = src[ci]
+            for jp in range(npan):
+                for mp in range(mpan):
+                    _hukr(g, kb, ws + mp * kb * MR, wg + (jp * CK + t0 * Cig + koff) * NR,
+                          c + mp * MR * g.Cout + jp * NR, g.Cout, MR if T - mp * MR > MR else T - mp * MR,
+                          NR if M - jp * NR > NR else M - jp * NR, t0 > 0 or koff > 0)
+        else:
+            for jp in range(npan):
+                for mp in range(mpan):
+                    _iukr(g, nt, kl, ptrs + (mp * KK + t0) * MR, koff, wg + (jp * CK + t0 * Cig + koff) * NR,
+                          c + mp * MR * g.Cout + jp * NR, g.Cout, MR if T - mp * MR > MR else T - mp * MR,
+                          NR if M - jp * NR > NR else M - jp * NR, t0 > 0 or koff > 0)
         if Cig > g.kc and koff + kl < Cig:
             koff += kl
         else:
@@ -700,12 +728,12 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     """Run one planned convolution. Called only by convcore._api.ConvPlan, which has checked every size.
 
     geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mchunk, ws,
-    kc, MR, NR, narrow). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs `ptrs` (the
-    per-thread pointer workspace, ws_ptrs = ceil(tile / MR) * MR * KK entries per thread) and `zeros` (Cig zeros).
+    kc, MR, NR, narrow, apack). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs
+    `ptrs` (the per-thread pointer workspace, ws_ptrs = ceil(tile / MR) * MR * KK entries per thread) and `zeros` (Cig zeros).
     """
     cdef Geom g
     (g.N, g.C, g.D, g.H, g.W, g.Cout, g.G, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
-     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR, g.narrow) = geom
+     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR, g.narrow, g.apack) = geom
     g.Cig = g.C // g.G
     g.Cog = g.Cout // g.G
     g.P = g.OD * g.OH * g.OW
@@ -751,7 +779,7 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
             zp = &zeros[0]
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()
-                _item_packed_nhwc(&g, xp, wp, bp, op, pwp + tid * pws, zp, it)
+                _item_packed_nhwc(&g, xp, wp, bp, op, pwp + tid * pws, zp, wsp + tid * g.ws, it)
         else:
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()

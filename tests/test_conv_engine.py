@@ -594,7 +594,7 @@ def test_kernel_isa_names_the_level_and_honours_convcore_isa(monkeypatch):
 def test_every_tile_remainder(level, dtype, data_format):
     """Every remainder of the micro-kernel tile in both directions, for both NCHW kernel widths: pixel counts 1 ..
     2*NR+1 (one output row of a 1-D layer) and channel counts 1 .. 2*panel+1, with K = 1, K inside one block and K
-    over several blocks (a forced tiny K block), each against the reference."""
+    over several blocks (a forced tiny K block), few and many channels per group, each against the reference."""
     rng = np.random.default_rng(1)
     probe = convcore.make_plan((1, 2, 400), np.ones((3, 2, 1), dtype), data_format="NCW")
     nr_wide = probe._nr
@@ -605,7 +605,9 @@ def test_every_tile_remainder(level, dtype, data_format):
     cases = [dict(pixels=p, cout=5) for p in pixel_counts] + [dict(pixels=7, cout=c) for c in channel_counts]
     fmt = "NCW" if data_format == "channels_first" else "NWC"
     for i, case in enumerate(cases):
-        cin, k, kblock = [(1, 1, None), (3, 3, None), (5, 3, 4)][i % 3]
+        # K = 1; K in one block; several K blocks of whole taps; and (NHWC, 17-20 channels: the pointer kernel
+        # rather than the few-channel A panels) one block and channel ranges of a tap longer than the K block.
+        cin, k, kblock = [(1, 1, None), (3, 3, None), (5, 3, 4), (17, 2, None), (20, 3, 8)][i % 5]
         x, w, b = _small(rng, rank=1, cin=cin, cout=case["cout"], spatial=(case["pixels"] + k - 1,), ksize=(k,),
                          data_format=data_format, dtype=dtype)
         plan = convcore.ConvPlan(x.shape, w, b, data_format=fmt, _k_block=kblock)
