@@ -67,11 +67,40 @@ CC_INL void CC_FN(cc_dw_store_n)(CC_T* p, CC_V v, ptrdiff_t n)
         }                                                                                                          \
     }
 
+/* Store an NCHW tile (rows as in cc_dw_nchw_tile), masking the lanes past the row's end. */
+CC_INL void CC_FN(cc_dw_nchw_store)(const cc_dwg* g, CC_T* op, ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow0, CC_V a0,
+                                    CC_V a1, CC_V a2, CC_V a3, CC_V c0, CC_V c1, CC_V c2, CC_V c3, const int nr,
+                                    const int nv)
+{
+    const ptrdiff_t OW = g->OW;
+    CC_T* orow = op + (od * g->OH + oh) * OW + ow0;
+    ptrdiff_t left = OW - ow0;
+    CC_FN(cc_dw_store_n)(orow, CC_FN(cc_dw_act)(a0, g->act), left);
+    if (nv > 1) {
+        CC_FN(cc_dw_store_n)(orow + CC_L, CC_FN(cc_dw_act)(a1, g->act), left - CC_L);
+        CC_FN(cc_dw_store_n)(orow + 2 * CC_L, CC_FN(cc_dw_act)(a2, g->act), left - 2 * CC_L);
+        CC_FN(cc_dw_store_n)(orow + 3 * CC_L, CC_FN(cc_dw_act)(a3, g->act), left - 3 * CC_L);
+    }
+    if (nv == 1 && nr > 2) {
+        CC_FN(cc_dw_store_n)(orow + 2 * OW, CC_FN(cc_dw_act)(a1, g->act), left);
+        CC_FN(cc_dw_store_n)(orow + 3 * OW, CC_FN(cc_dw_act)(c1, g->act), left);
+    }
+    if (nr > 1) {
+        orow += OW;
+        CC_FN(cc_dw_store_n)(orow, CC_FN(cc_dw_act)(c0, g->act), left);
+        if (nv > 1) {
+            CC_FN(cc_dw_store_n)(orow + CC_L, CC_FN(cc_dw_act)(c1, g->act), left - CC_L);
+            CC_FN(cc_dw_store_n)(orow + 2 * CC_L, CC_FN(cc_dw_act)(c2, g->act), left - 2 * CC_L);
+            CC_FN(cc_dw_store_n)(orow + 3 * CC_L, CC_FN(cc_dw_act)(c3, g->act), left - 3 * CC_L);
+        }
+    }
+}
+
 CC_INL void CC_FN(cc_dw_nchw_tile)(const cc_dwg* g, const CC_T* xp, const CC_T* wk, CC_T b0, CC_T* op,
                                    ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow0, const CC_M* mk,
                                    const unsigned char* any, CC_VI gidx, const int nr, const int nv, const int unit)
 {
-    const ptrdiff_t SW = g->SW, OW = g->OW;
+    const ptrdiff_t SW = g->SW;
     CC_V a0 = CC_SET1(b0), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
     for (ptrdiff_t kw = 0; kw < g->KW; kw++) {
         if (!any[kw])
@@ -98,29 +127,81 @@ CC_INL void CC_FN(cc_dw_nchw_tile)(const cc_dwg* g, const CC_T* xp, const CC_T* 
             }
         }
     }
-    CC_T* orow = op + (od * g->OH + oh) * OW + ow0;
-    ptrdiff_t left = OW - ow0;
-    CC_FN(cc_dw_store_n)(orow, CC_FN(cc_dw_act)(a0, g->act), left);
-    if (nv > 1) {
-        CC_FN(cc_dw_store_n)(orow + CC_L, CC_FN(cc_dw_act)(a1, g->act), left - CC_L);
-        CC_FN(cc_dw_store_n)(orow + 2 * CC_L, CC_FN(cc_dw_act)(a2, g->act), left - 2 * CC_L);
-        CC_FN(cc_dw_store_n)(orow + 3 * CC_L, CC_FN(cc_dw_act)(a3, g->act), left - 3 * CC_L);
-    }
-    if (nv == 1 && nr > 2) {
-        CC_FN(cc_dw_store_n)(orow + 2 * OW, CC_FN(cc_dw_act)(a1, g->act), left);
-        CC_FN(cc_dw_store_n)(orow + 3 * OW, CC_FN(cc_dw_act)(c1, g->act), left);
-    }
-    if (nr > 1) {
-        orow += OW;
-        CC_FN(cc_dw_store_n)(orow, CC_FN(cc_dw_act)(c0, g->act), left);
-        if (nv > 1) {
-            CC_FN(cc_dw_store_n)(orow + CC_L, CC_FN(cc_dw_act)(c1, g->act), left - CC_L);
-            CC_FN(cc_dw_store_n)(orow + 2 * CC_L, CC_FN(cc_dw_act)(c2, g->act), left - 2 * CC_L);
-            CC_FN(cc_dw_store_n)(orow + 3 * CC_L, CC_FN(cc_dw_act)(c3, g->act), left - 3 * CC_L);
-        }
-    }
+    CC_FN(cc_dw_nchw_store)(g, op, od, oh, ow0, a0, a1, a2, a3, c0, c1, c2, c3, nr, nv);
 }
 #undef CC_DW_ROWTAP
+
+/* The 3-row fast tile (KH = 3, stride and dilation 1 along H): the same tile as above, but each input row is loaded
+ * once and feeds every output row of the tile that reads it (input row r is kernel row 0 of output row r, row 1 of
+ * r-1, row 2 of r-2), with the column's three weights in registers: nr+2 row loads per kernel column, not 3*nr. */
+#define CC_DW_X(v, off)                                                                                              \
+    (unit ? CC_MLOAD(base + (off), m##v) : CC_MGATHER(base + (off) * SW, gidx, m##v))
+#define CC_DW_LOADROW(r)                                                                                              \
+    valid = (size_t)(ih0 + (r)) < (size_t)g->H;                                                                     \
+    if (valid) {                                                                                                    \
+        const CC_T* base = xd + (ih0 + (r)) * g->W + koff + ow0 * SW;                                               \
+        x0 = CC_DW_X(0, 0);                                                                                         \
+        if (nv > 1) {                                                                                               \
+            x1 = CC_DW_X(1, CC_L);                                                                                  \
+            x2 = CC_DW_X(2, 2 * CC_L);                                                                              \
+            x3 = CC_DW_X(3, 3 * CC_L);                                                                              \
+        }                                                                                                           \
+    }
+#define CC_DW_ROWFMA(t, acc0, acc1, acc2, acc3, wv)                                                                 \
+    if (valid && nr > t) {                                                                                          \
+        acc0 = CC_FMA(x0, wv, acc0);                                                                                \
+        if (nv > 1) {                                                                                               \
+            acc1 = CC_FMA(x1, wv, acc1);                                                                            \
+            acc2 = CC_FMA(x2, wv, acc2);                                                                            \
+            acc3 = CC_FMA(x3, wv, acc3);                                                                            \
+        }                                                                                                           \
+    }
+#define CC_DW_R0(wv) CC_DW_ROWFMA(0, a0, a1, a2, a3, wv)
+#define CC_DW_R1(wv) CC_DW_ROWFMA(1, c0, c1, c2, c3, wv)
+#define CC_DW_R2(wv) CC_DW_ROWFMA(2, a1, a1, a1, a1, wv)
+#define CC_DW_R3(wv) CC_DW_ROWFMA(3, c1, c1, c1, c1, wv)
+
+CC_INL void CC_FN(cc_dw_nchw_tile3)(const cc_dwg* g, const CC_T* xp, const CC_T* wk, CC_T b0, CC_T* op,
+                                    ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow0, const CC_M* mk,
+                                    const unsigned char* any, CC_VI gidx, const int nr, const int nv, const int unit)
+{
+    const ptrdiff_t SW = g->SW, ih0 = oh - g->PH;
+    CC_V a0 = CC_SET1(b0), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    CC_V x0 = a0, x1 = a0, x2 = a0, x3 = a0;
+    int valid;
+    for (ptrdiff_t kw = 0; kw < g->KW; kw++) {
+        if (!any[kw])
+            continue;
+        const ptrdiff_t koff = kw * g->DW - g->PW;
+        CC_M m0 = mk[4 * kw], m1 = mk[4 * kw + 1], m2 = mk[4 * kw + 2], m3 = mk[4 * kw + 3];
+        for (ptrdiff_t kd = 0; kd < g->KD; kd++) {
+            ptrdiff_t id = od * g->SD - g->PD + kd * g->DD;
+            if ((size_t)id >= (size_t)g->D)
+                continue;
+            const CC_T* xd = xp + id * g->H * g->W;
+            const CC_T* wr = wk + kd * 3 * g->KW + kw;
+            CC_V w0 = CC_SET1(wr[0]), w1 = CC_SET1(wr[g->KW]), w2 = CC_SET1(wr[2 * g->KW]);
+            CC_DW_LOADROW(0) CC_DW_R0(w0)
+            CC_DW_LOADROW(1) CC_DW_R1(w0) CC_DW_R0(w1)
+            CC_DW_LOADROW(2) CC_DW_R2(w0) CC_DW_R1(w1) CC_DW_R0(w2)
+            if (nr > 1) {
+                CC_DW_LOADROW(3) CC_DW_R3(w0) CC_DW_R2(w1) CC_DW_R1(w2)
+            }
+            if (nr > 2) {
+                CC_DW_LOADROW(4) CC_DW_R3(w1) CC_DW_R2(w2)
+                CC_DW_LOADROW(5) CC_DW_R3(w2)
+            }
+        }
+    }
+    CC_FN(cc_dw_nchw_store)(g, op, od, oh, ow0, a0, a1, a2, a3, c0, c1, c2, c3, nr, nv);
+}
+#undef CC_DW_X
+#undef CC_DW_LOADROW
+#undef CC_DW_ROWFMA
+#undef CC_DW_R0
+#undef CC_DW_R1
+#undef CC_DW_R2
+#undef CC_DW_R3
 
 /* Every row of the plane for the column chunk at ow0 (nv vectors wide): masks first, then pairs of rows. */
 CC_INL void CC_FN(cc_dw_nchw_chunk)(const cc_dwg* g, const CC_T* xp, const CC_T* wk, CC_T b0, CC_T* op,
@@ -135,13 +216,22 @@ CC_INL void CC_FN(cc_dw_nchw_chunk)(const cc_dwg* g, const CC_T* xp, const CC_T*
         for (int v = 0; v < 4; v++)
             mk[4 * kw + v] = CC_MASK(lo - ow0 - v * CC_L, hi - ow0 - v * CC_L);
     }
+    const int three = g->KH == 3 && g->SH == 1 && g->DH == 1;
     for (ptrdiff_t od = 0; od < g->OD; od++) {
         ptrdiff_t oh = 0;
-        if (nv == 1)
-            for (; oh + 4 <= g->OH; oh += 4)
-                CC_FN(cc_dw_nchw_tile)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 4, 1, unit);
-        for (; oh + 2 <= g->OH; oh += 2)
-            CC_FN(cc_dw_nchw_tile)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 2, nv, unit);
+        if (three) {
+            if (nv == 1)
+                for (; oh + 4 <= g->OH; oh += 4)
+                    CC_FN(cc_dw_nchw_tile3)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 4, 1, unit);
+            for (; oh + 2 <= g->OH; oh += 2)
+                CC_FN(cc_dw_nchw_tile3)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 2, nv, unit);
+        } else {
+            if (nv == 1)
+                for (; oh + 4 <= g->OH; oh += 4)
+                    CC_FN(cc_dw_nchw_tile)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 4, 1, unit);
+            for (; oh + 2 <= g->OH; oh += 2)
+                CC_FN(cc_dw_nchw_tile)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 2, nv, unit);
+        }
         if (oh < g->OH)
             CC_FN(cc_dw_nchw_tile)(g, xp, wk, b0, op, od, oh, ow0, mk, any, gidx, 1, nv, unit);
     }
@@ -241,8 +331,8 @@ CC_INL void CC_FN(cc_dw_nhwc_tile)(const cc_dwg* g, const CC_T* xn, const CC_T* 
 #undef CC_DW_COL
 #undef CC_DW_OUT
 
-/* The 3-tap fast tile (KW = 3, stride and dilation 1 along W): np = 8 (or 4) interior pixels x nc channel vectors
- * (CC_NCV3, or 1; `masked` as above). Input columns are loaded once and feed every pixel that uses them (column j is
+/* The 3-tap fast tile (KW = 3, stride and dilation 1 along W): np = 8 (or 4) pixels x nc channel vectors
+ * (CC_NCV3, or 1; `masked` as above); `checkw` (a tile at the row's border) reads columns outside the row as 0. Input columns are loaded once and feed every pixel that uses them (column j is
  * tap 0 of pixel j, tap 1 of pixel j-1, tap 2 of pixel j-2): np+2 column loads per kernel row instead of 3*np. */
 #define CC_DW_LD(p) (masked ? CC_MLOAD((p), cm) : CC_LOAD(p))
 #define CC_DW_ACC(p, k)                                                                                               \
@@ -251,8 +341,12 @@ CC_INL void CC_FN(cc_dw_nhwc_tile)(const cc_dwg* g, const CC_T* xn, const CC_T* 
         if (nc > 1) a##p##1 = CC_FMA(x1, w##k##1, a##p##1);                                                         \
     }
 #define CC_DW_XCOL(j)                                                                                                 \
-    x0 = CC_DW_LD(xr + (j) * C);                                                                                    \
-    if (nc > 1) x1 = CC_LOAD(xr + (j) * C + CC_L);
+    if (checkw && (size_t)(iw0 + (j)) >= (size_t)g->W) {                                                            \
+        x0 = x1 = CC_SET1((CC_T)0);                                                                                 \
+    } else {                                                                                                        \
+        x0 = CC_DW_LD(xr + (j) * C);                                                                                \
+        if (nc > 1) x1 = CC_LOAD(xr + (j) * C + CC_L);                                                              \
+    }
 #define CC_DW_OUT3(p)                                                                                                 \
     if (np > p) {                                                                                                   \
         if (masked) {                                                                                               \
@@ -264,9 +358,9 @@ CC_INL void CC_FN(cc_dw_nhwc_tile)(const cc_dwg* g, const CC_T* xn, const CC_T* 
     }
 CC_INL void CC_FN(cc_dw_nhwc_tile3)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
                                     ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t c0, ptrdiff_t cr,
-                                    const int np, const int nc, const int masked)
+                                    const int np, const int nc, const int masked, const int checkw)
 {
-    const ptrdiff_t C = g->C, Cout = g->Cout;
+    const ptrdiff_t C = g->C, Cout = g->Cout, iw0 = ow - g->PW;
     CC_M cm = CC_MASK(0, cr);
     CC_V a00 = CC_DW_LD(bias + c0), a01 = a00;
     if (nc > 1) a01 = CC_LOAD(bias + c0 + CC_L);
@@ -282,7 +376,7 @@ CC_INL void CC_FN(cc_dw_nhwc_tile3)(const cc_dwg* g, const CC_T* xn, const CC_T*
             ptrdiff_t ih = oh * g->SH - g->PH + kh * g->DH;
             if ((size_t)ih >= (size_t)g->H)
                 continue;
-            const CC_T* xr = xn + ((id * g->H + ih) * g->W + ow - g->PW) * C + c0;
+            const CC_T* xr = xn + ((id * g->H + ih) * g->W + iw0) * C + c0;
             const CC_T* wt = w + (kd * g->KH + kh) * 3 * Cout + c0;
             CC_V w00 = CC_DW_LD(wt), w10 = CC_DW_LD(wt + Cout), w20 = CC_DW_LD(wt + 2 * Cout);
             CC_V w01 = w00, w11 = w10, w21 = w20;
@@ -314,15 +408,15 @@ CC_INL void CC_FN(cc_dw_nhwc_tile3)(const cc_dwg* g, const CC_T* xn, const CC_T*
 #undef CC_DW_OUT3
 
 CC_INL void CC_FN(cc_dw_nhwc_pixels3)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
-                                      ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, const int np)
+                                      ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, const int np, const int checkw)
 {
     ptrdiff_t c = 0, C = g->C;
     for (; c + CC_NCV3 * CC_L <= C; c += CC_NCV3 * CC_L)
-        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, CC_NCV3, 0);
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, CC_NCV3, 0, checkw);
     for (; c + CC_L <= C; c += CC_L)
-        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, 1, 0);
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, 1, 0, checkw);
     if (c < C)
-        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, C - c, np, 1, 1);
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, C - c, np, 1, 1, checkw);
 }
 
 /* All channels of np pixels: CC_NCV vectors at a time, then single vectors, then the masked remainder. */
@@ -349,13 +443,19 @@ static CC_TARGET void CC_FN(cc_dw_nhwc_row)(const cc_dwg* g, const CC_T* xn, con
     const int three = g->KW == 3 && g->SW == 1 && g->DW == 1;
     ptrdiff_t ow = 0;
     while (ow < OW) {
-        if (three && ow + 8 <= OW && ow - g->PW >= 0 && ow + 7 + reach < g->W) {
-            CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 8);
+        if (three && ow + 8 <= OW) {   /* the 3-tap tile, its columns tested only at the row's borders */
+            if (ow - g->PW >= 0 && ow + 7 + reach < g->W)
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 8, 0);
+            else
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 8, 1);
             ow += 8;
             continue;
         }
-        if (three && ow + 4 <= OW && ow - g->PW >= 0 && ow + 3 + reach < g->W) {
-            CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 4);
+        if (three && ow + 4 <= OW) {
+            if (ow - g->PW >= 0 && ow + 3 + reach < g->W)
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 4, 0);
+            else
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 4, 1);
             ow += 4;
             continue;
         }

@@ -2,8 +2,9 @@
 
 Each level (portable, avx2, avx512: forced with CONVCORE_ISA) runs its own NCHW plane and NHWC row kernels
 (convcore/_dw_simd.h, _dw_tmpl.h); every one is checked against the independent float64 reference on a matrix of
-geometries chosen to reach each code path: 4-vector and 1-vector column chunks and 1/2/4-row tiles (NCHW), the 3-tap
-8- and 4-pixel tiles, the general 4-pixel tile and the checked border pixel (NHWC), full, single and masked channel
+geometries chosen to reach each code path: 4-vector and 1-vector column chunks, 1/2/4-row tiles and the 3-row
+shared-load tile (NCHW), the 3-tap 8- and 4-pixel tiles (interior and border), the general 4-pixel tile and the
+checked border pixel (NHWC), full, single and masked channel
 vectors, masked gathers for strides > 1, kernels wider than the NCHW mask table (portable fallback), multipliers > 1.
 """
 import zlib
@@ -145,7 +146,8 @@ def test_depthwise_memory_layouts(level, view, data_format):
 
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_depthwise_thread_count_independent(level, data_format, threads_for_any_size):
-    """Each output is computed by one thread in a fixed order: 1, 2 and 3 threads give identical bits."""
+    """Each output is computed by one thread in a fixed order: 1, 2 and 3 threads give identical bits, and so does
+    one sample run alone or inside a batch."""
     rng = np.random.default_rng(13)
     for dtype in DTYPES:
         for c, mult in ((40, 1), (5, 2)):
@@ -153,6 +155,7 @@ def test_depthwise_thread_count_independent(level, data_format, threads_for_any_
             kw = dict(padding="same", groups=c, data_format=data_format, activation="relu6")
             ys = [convcore.conv(x, w, b, num_threads=t, **kw) for t in (1, 2, 3)]
             assert np.array_equal(ys[0], ys[1]) and np.array_equal(ys[0], ys[2])
+            assert np.array_equal(convcore.conv(x[1:2], w, b, num_threads=2, **kw), ys[0][1:2])
             _check(x, w, b, f"{level} threads", **kw)
 
 
