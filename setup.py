@@ -195,7 +195,7 @@ setup(
         "prometheus-client>=0.21",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pyyaml>=6", "torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "hypothesis>=6", "pyyaml>=6", "kubernetes-validate>=1.34", "torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
         "bench": ["torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17"],
         "plot": ["matplotlib>=3.7"],
         # ConvClient.register_onnx / register_torch import these only when called (issue 12).

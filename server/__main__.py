@@ -19,6 +19,13 @@ def _positive_int(text):
     return value
 
 
+def _finite_seconds(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
 def _port(text):
     value = int(text)
     if not 0 <= value < 65536:
@@ -59,6 +66,9 @@ def _parse(argv):
                    help="max_batch_size of every model in the KServe v2 / Triton API")
     p.add_argument("--metrics-port", type=_port, default=8002, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: pick a free one)")
+    p.add_argument("--max-connection-age", type=_finite_seconds, default=None, metavar="SECONDS",
+                   help="end each client connection after this age (GOAWAY), so clients reconnect and reach new "
+                        "replicas (unset: never)")
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="write the bound port to PATH once serving (useful with --port 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -72,7 +82,8 @@ def _parse(argv):
     config = ServerConfig(model_repository=args.model_repository, workers=args.workers,
                           max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
                           compute_slots=args.compute_slots, grace_seconds=args.grace,
-                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port, **hardening)
+                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port,
+                          max_connection_age=args.max_connection_age, **hardening)
     return (f"{host}:{args.port}", config, args.port_file, args.log_level), args
 
 

@@ -128,7 +128,7 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ] + request_limit_options(config) + list(config.grpc_options)
+    ] + request_limit_options(config) + config.connection_age_options + list(config.grpc_options)
     grpc_server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
         # Metrics outside the error mapping, so they record the status the client gets.
