@@ -6,7 +6,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from convproto.convservice.v1 import conv_pb2_grpc
 
-from . import _ops
+from . import _ops, wire
 from ._channel import DEFAULT_MAX_MESSAGE_MB, DEFAULT_RETRY_ATTEMPTS, ChannelSettings
 from ._errors import from_rpc_error
 
@@ -183,6 +183,73 @@ class _ClientMethods:
         """
         return self._call(_ops.health())
 
+    def register_onnx(self, name, model):
+        """Register an ONNX model that is a chain of convolutions (see `onnx_layers` for what maps).
+
+        Parameters
+        ----------
+        name : str
+            As in `register_model`.
+        model : str, os.PathLike, bytes or onnx.ModelProto
+            A ``.onnx`` file, its bytes, or a loaded model (read, never changed). Needs the ``[onnx]`` extra.
+
+        Returns
+        -------
+        dict
+            The model as the server sees it (see `get_model`).
+
+        Raises
+        ------
+        ConvError
+            INVALID_ARGUMENT, before anything is sent, naming the node that cannot be mapped (or the extra to
+            install); then as `register_model`.
+        """
+        from ._import_onnx import onnx_layers  # imports onnx only now: an optional extra
+
+        return self.register_model(name, onnx_layers(model))
+
+    def register_torch(self, name, module, example_input=None):
+        """Register an ``nn.Sequential``-style PyTorch module of convolutions (see `torch_layers` for what maps).
+
+        Parameters
+        ----------
+        name : str
+            As in `register_model`.
+        module : torch.nn.Module
+            Read with inference semantics, never changed. Needs the ``[torch]`` extra.
+        example_input : torch.Tensor or numpy.ndarray, optional
+            If given, the module's forward on it is checked against the mapped layers before sending.
+
+        Returns
+        -------
+        dict
+            The model as the server sees it (see `get_model`).
+
+        Raises
+        ------
+        ConvError
+            INVALID_ARGUMENT, before anything is sent, naming the submodule that cannot be mapped (or the extra to
+            install); then as `register_model`.
+        """
+        from ._import_torch import torch_layers  # imports torch only now: an optional extra
+
+        return self.register_model(name, torch_layers(module, example_input))
+
+
+class _RawStub:
+    """Infer and Conv with `wire`'s codecs: the request is encoded with one copy of the input, and the reply's
+    tensor is a view of the received bytes (the generated classes would copy each 2-3 times)."""
+
+    def __init__(self, channel):
+        for method in ("Infer", "Conv"):
+            setattr(self, method, channel.unary_unary(f"/convservice.v1.ConvService/{method}",
+                                                      response_deserializer=wire.decode_tensor_response))
+
+
+def _stubs(channel):
+    return {"conv": conv_pb2_grpc.ConvServiceStub(channel), "health": health_pb2_grpc.HealthStub(channel),
+            "raw": _RawStub(channel)}
+
 
 class ConvClient(_ClientMethods):
     """Blocking client of the convolution service.
@@ -223,8 +290,7 @@ class ConvClient(_ClientMethods):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
                                          retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.channel()
-        self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
-                       "health": health_pb2_grpc.HealthStub(self._channel)}
+        self._stubs = _stubs(self._channel)
 
     @property
     def target(self):
@@ -263,8 +329,7 @@ class AsyncConvClient(_ClientMethods):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
                                          retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.aio_channel()
-        self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
-                       "health": health_pb2_grpc.HealthStub(self._channel)}
+        self._stubs = _stubs(self._channel)
 
     target = ConvClient.target
 
@@ -301,5 +366,9 @@ def _as_coroutine(name):
 # Real coroutine functions (inspect.iscoroutinefunction is True) with the blocking methods' signatures and docs.
 for _name in ("conv", "conv1d", "conv2d", "conv3d", "register_model", "infer", "list_models", "get_model",
               "delete_model", "health"):
+    setattr(AsyncConvClient, _name, _as_coroutine(_name))
+del _name
+# The importers (issue 12) map the model on the client, then call register_model: coroutines in the async client too.
+for _name in ("register_onnx", "register_torch"):
     setattr(AsyncConvClient, _name, _as_coroutine(_name))
 del _name

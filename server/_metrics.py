@@ -72,6 +72,7 @@ class ServerMetrics:
                                 ["grpc_service", "grpc_method"], registry=r)
         self.bytes_out = Counter("convserver_sent_bytes", "Serialized response bytes sent",
                                  ["grpc_service", "grpc_method"], registry=r)
+        self._job_children = {}  # model -> (queue, compute) label children
 
     def track_models(self, count):
         """Report ``count()`` (a callable) as the number of loaded models, read at every scrape."""
@@ -79,14 +80,18 @@ class ServerMetrics:
 
     def observe_job(self, model, queued, ran):
         """Record one compute job: seconds waiting for a slot, seconds running (the executor calls this)."""
+        children = self._job_children.get(model)
+        if children is None:  # .labels() takes a lock and builds a key: once per model, not per call
+            children = self._job_children[model] = (self.queue.labels(model), self.compute.labels(model))
         if queued is not None:
-            self.queue.labels(model).observe(queued)
-        self.compute.labels(model).observe(ran)
+            children[0].observe(queued)
+        children[1].observe(ran)
 
     def forget_model(self, name):
         """Drop the series of model ``name`` (it was deleted)."""
         for full_method in _MODEL_FIELD:
             self.duration.remove(*_split(full_method), name)
+        self._job_children.pop(name, None)
         self.queue.remove(name)
         self.compute.remove(name)
 
