@@ -42,7 +42,7 @@ def dockerfile_stages(path=DOCKERFILE):
 
 
 def dockerfile_user(stages):
-    """(name, uid, gid) of the last ``USER`` of the runtime (last) stage, from the ``useradd``/``groupadd`` that made it.
+    """(name, uid, gid) of the last ``USER`` of the runtime (last) stage, from the ``useradd``/``groupadd`` making it.
 
     The uid and gid must be given as numbers there (``--uid N``, ``--gid N``): Kubernetes' ``runAsUser`` needs them,
     and a user created without them gets whatever uid the base image's next free one is.

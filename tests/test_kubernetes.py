@@ -6,33 +6,31 @@
 - The Deployment's command is checked against the server's own parser and `python -m server --help`; its ports,
   probes, scrape annotations, termination grace and volumes against the server's flags; its securityContext against
   the Dockerfile's user; the Services, autoscaler and disruption budget against the Deployment.
-- The server flag the deployment relies on, --max-connection-age, is checked end to end: real server processes behind
-  a TCP forwarder (what kube-proxy is to a ClusterIP Service) show that a long-lived client's connection is recycled
-  and that it then reaches a replica added later, with no call lost.
+- The server flag the deployment relies on, --max-connection-age, is checked end to end on real server processes:
+  behind a TCP forwarder standing in for a ClusterIP Service's L4 balancing, a long-lived client moves to a replica
+  added later only with the flag, and no call fails; connected directly, a call outlasting the age finishes while
+  the client opens new connections.
 - The Deployment's command runs here with a read-only root filesystem, as readOnlyRootFilesystem runs it (in a
   private mount namespace; skipped where the test may not create one).
 """
 import copy
-import math
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
+import kubernetes_validate  # the test extra; it ships the schemas, so validating needs no network
 import numpy as np
 import pytest
+import yaml
 
 from _deploy import (check_server_args, dockerfile_stages, dockerfile_user, flag, free_port, local_server_command,
                      module_args, server_env, wait_for_port_file)
 from _reference import reference_conv
 from _server import ROOT, ServerProcess
-
-yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse the manifests (test extra)")
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra)")
 
 KUBE = os.path.join(ROOT, "deploy", "kubernetes")
 BASE = os.path.join(KUBE, "base")
@@ -451,26 +449,32 @@ def test_a_call_in_flight_survives_its_connection_being_recycled(tmp_path):
     with the right result, while other calls already use new connections.
 
     Client and server are connected directly, as through kube-proxy's NAT; the connections are read from the
-    kernel's table of this machine's TCP connections."""
+    kernel's table of this machine's TCP connections. The answer is small (a 1x1 stride-16 last layer): a large one
+    can be cut off when gRPC closes the drained connection (README, Kubernetes: the caveat), which this does not
+    test."""
     from client import ConvClient
 
     age = 0.5
     server = ServerProcess(tmp_path / "models", "--max-connection-age", str(age)).start()
     channels = 64
-    # An identity 3x3 kernel (1 at the centre of channel o -> o): every layer costs a full convolution, yet the
-    # model's output must be its input exactly, which is cheap to check however many layers it has.
+    # Identity 3x3 kernels (1 at the centre of channel o -> o): every layer costs a full convolution, yet the
+    # output is known exactly however many layers there are; the last layer keeps channel 0 at every 16th pixel.
     identity = np.zeros((channels, channels, 3, 3), np.float32)
     identity[np.arange(channels), np.arange(channels), 1, 1] = 1
+    pick = np.zeros((1, channels, 1, 1), np.float32)
+    pick[0, 0] = 1
     rng = np.random.default_rng(0)
     try:
         with ConvClient(server.target, timeout=120) as c:
             # Calibrated on this machine: the call must last at least two ages. Start short and double the layers
-            # (at most 64 per model), then the image, until it does; every attempt must succeed and be exact.
+            # (63 + the last one: the server's 64), then the image, until it does; every attempt must succeed and
+            # be exact.
             layers, size = 4, 64
-            for _ in range(8):  # the last: 64 layers of 512x512, 64 MiB each way
+            for _ in range(8):  # the last: 63 layers of 512x512 (a 64 MiB request)
                 x = rng.standard_normal((1, channels, size, size)).astype(np.float32)
                 name = f"long-{layers}x{size}"
-                c.register_model(name, [{"kernel": identity, "padding": "same"}] * layers)
+                c.register_model(name, [{"kernel": identity, "padding": "same"}] * layers
+                                 + [{"kernel": pick, "strides": 16}])
                 before = _client_ports(server.port)
                 seen, result, errors = set(before), [], []
 
@@ -491,10 +495,10 @@ def test_a_call_in_flight_survives_its_connection_being_recycled(tmp_path):
                 thread.join()
                 assert not errors, errors
                 y, took = result
-                np.testing.assert_array_equal(y, x)
+                np.testing.assert_array_equal(y, x[:, :1, ::16, ::16])
                 if took >= 2 * age:
                     break
-                layers, size = (layers * 2, size) if layers < 64 else (layers, size * 2)
+                layers, size = (min(63, layers * 2), size) if layers < 63 else (layers, size * 2)
             else:
                 pytest.skip(f"the call never lasted {2 * age} s (the last: {took:.2f} s)")
         assert before and seen - before, (
