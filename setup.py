@@ -175,7 +175,7 @@ setup(
     description="Convolution inference microservice: a Cython/OpenMP im2col+GEMM engine behind gRPC (KServe v2 compatible)",
     python_requires=">=3.10",
     packages=find_packages(HERE, include=["convcore", "convcore.*", "server", "server.*", "client", "client.*",
-                                          GENERATED_PKG, GENERATED_PKG + ".*"]),
+                                          "benchmarks", "benchmarks.*", GENERATED_PKG, GENERATED_PKG + ".*"]),
     package_data={"convcore": ["*.pxd", "*.pyx"]},
     ext_modules=_extensions(),
     cmdclass={"build_py": BuildPyWithStubs, "generate_stubs": GenerateStubs},

@@ -14,11 +14,8 @@ and fails (exit 1) if perf_analyzer exits non-zero, reports an error, or complet
 import argparse
 import os
 import re
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 
@@ -26,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchmarks._harness import ServerProcess  # noqa: E402
 from client import ConvClient  # noqa: E402
 
 
@@ -38,22 +36,6 @@ def perf_analyzer_command(target, model, shape="3,32,32", batch=2, interval_ms=1
     return [os.path.join(HERE, "perf_analyzer.sh"), "-m", model, "-u", target, "-i", "grpc",
             "--concurrency-range", "2", "--shape", f"input:{shape}", "-b", str(batch),
             "--measurement-interval", str(interval_ms), "--stability-percentage", "100", "--max-trials", "8"]
-
-
-def _start_server(tmp):
-    port_file = os.path.join(tmp, "port")
-    log = open(os.path.join(tmp, "server.log"), "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file",
-                             port_file, "--metrics-port", "0", "--model-repository", os.path.join(tmp, "models")],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(port_file):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server did not start; log in {tmp}/server.log")
-        time.sleep(0.05)
-    with open(port_file) as f:
-        return proc, f"127.0.0.1:{int(f.read())}"
 
 
 def check(target, model="perf-edge", timeout=120):
@@ -76,18 +58,19 @@ def main(argv=None):
     p.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
     p.add_argument("--model", default="perf-edge")
     args = p.parse_args(argv)
-    proc = None
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.target is None:
-            proc, target = _start_server(tmp)
-        else:
-            target = args.target
-        try:
-            ok, text = check(target, args.model)
-        finally:
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+    server = None
+    if args.target is None:
+        server = ServerProcess.temporary(prefix="perfcheck-").start()
+    target = args.target or server.target
+    ok, text = False, ""
+    try:
+        ok, text = check(target, args.model)
+    finally:
+        if server is not None:
+            server.stop(30)
+            if not ok:
+                text += "\n---- server log (tail) ----\n" + server.log()[-3000:]
+            server.cleanup()
     print(text)
     print("perf_analyzer check:", "OK" if ok else "FAILED")
     return 0 if ok else 1

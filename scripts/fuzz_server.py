@@ -30,11 +30,7 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +42,7 @@ import numpy as np  # noqa: E402
 from google.protobuf import descriptor as _descriptor  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from benchmarks._harness import ServerProcess, rss_kb  # noqa: E402
 from convproto.convservice.v1 import conv_pb2  # noqa: E402
 from convproto.inference import grpc_service_pb2 as kpb  # noqa: E402
 
@@ -340,14 +337,6 @@ def named_cases(token):
 # ======================================================================================================================
 # Running
 # ======================================================================================================================
-def _rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def _tree(path, skip=()):
     """Set of relative paths under `path` (files and folders), not descending into `skip` (absolute paths)."""
     found = set()
@@ -369,59 +358,6 @@ def _files_named(token, roots):
         except OSError:
             pass
     return hits
-
-
-class ServerUnderTest:
-    """``python -m server`` in a temporary folder: <tmp>/work is its cwd, <tmp>/models its repository."""
-
-    def __init__(self, extra_args=()):
-        self.base = tempfile.mkdtemp(prefix="fuzzsrv-")
-        self.work = os.path.join(self.base, "work")
-        self.repository = os.path.join(self.base, "models")
-        os.makedirs(self.work)
-        self.log_path = os.path.join(self.base, "server.log")
-        self.port_file = os.path.join(self.base, "port")
-        self.extra_args = list(extra_args)
-        self.proc = None
-
-    def start(self, timeout=60.0):
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", self.port_file,
-             "--metrics-port", "0", "--model-repository", self.repository, "--log-level", "WARNING",
-             *self.extra_args], cwd=self.work, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.port_file):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.log()}")
-            time.sleep(0.05)
-        with open(self.port_file) as f:
-            self.target = f"127.0.0.1:{int(f.read())}"
-        return self
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if getattr(self, "_log", None):
-            self._log.close()
-        return None if self.proc is None else self.proc.returncode
-
-    def cleanup(self):
-        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def _call(channel, method, payload, timeout=CALL_TIMEOUT):
@@ -473,7 +409,7 @@ def run_fuzz(target, duration, seed, pid=None, check_paths=None, log=print):
             code, details, _ = _call(channel, CONV + "RegisterModel", request)
             if code != OK:
                 raise RuntimeError(f"could not register model {name!r}: {code} {details}")
-        rss_start = _rss_kb(pid) if pid else None
+        rss_start = rss_kb(pid) if pid else None
         base_tree = _tree(check_paths[0], skip={check_paths[1]}) if check_paths else None
 
         def record(kind, method, code, details, expect=None):
@@ -537,7 +473,7 @@ def run_fuzz(target, duration, seed, pid=None, check_paths=None, log=print):
             y = np.frombuffer(out.data, np.float32).reshape(tuple(out.shape))
             if not np.allclose(y, expected, rtol=1e-4, atol=1e-4):
                 failures.append("the known model gives a wrong answer after fuzzing")
-        rss_end = _rss_kb(pid) if pid else None
+        rss_end = rss_kb(pid) if pid else None
         if pid:
             # Generous: allocator caches, plan caches and per-thread buffers grow a little; a leak grows per call.
             bound = max(3 * rss_start, rss_start + 400_000)
@@ -579,7 +515,8 @@ def main(argv=None):
         if args.target:
             report = run_fuzz(args.target, args.duration, seed, pid=args.pid)
         else:
-            server = ServerUnderTest(args.server_arg).start()
+            # <tmp>/work is its cwd, <tmp>/models its repository: the fuzzer checks nothing else is written there.
+            server = ServerProcess.temporary("--log-level", "WARNING", *args.server_arg, prefix="fuzzsrv-").start()
             report = run_fuzz(server.target, args.duration, seed, pid=server.proc.pid,
                               check_paths=(server.base, server.repository, None))
             if server.proc.poll() is not None:

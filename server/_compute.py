@@ -96,7 +96,9 @@ class ComputeExecutor:
         self.omp_threads = omp_threads
         self._observe = observe
         team = convcore.resolve_num_threads(omp_threads)
-        cores = convcore.resolve_num_threads(-1)
+        # convcore owns the CPU count: affinity capped by the cgroup quota. resolve_num_threads(-1) would be the
+        # affinity alone, so a container limited to 2 CPUs on a 16-core host would get 16 // team slots.
+        cores = convcore.usable_cpus()
         self.team = team
         self.slots = slots or max(1, cores // team)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="compute")

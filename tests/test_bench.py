@@ -1,8 +1,10 @@
-"""Smoke test of the benchmark script: it runs, writes its section, and the table holds positive numbers.
+"""Smoke test of the engine benchmark (``python -m benchmarks.engine``): it runs, writes its section, and the table
+holds positive numbers; ``python -m convcore.bench`` still runs it, and importing convcore never imports benchmarks.
 
 No timing is asserted: the machine is shared and speeds swing 3-30x with other users' load.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -28,14 +30,17 @@ def test_quick_benchmark_writes_a_parsable_table(tmp_path):
     out = tmp_path / "B.md"
     # Another team's section must survive a rewrite of ours.
     out.write_text(f"# Benchmarks\n\n## Service overhead\nkeep me\n\n{START}\nold table\n{END}\n\n## After\nme too\n")
-    proc = subprocess.run([sys.executable, "-m", "convcore.bench", "--quick", "--output", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.engine", "--quick", "--output", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "keep me" in text and "me too" in text and "old table" not in text
     assert text.count(START) == 1 and text.count(END) == 1
     section = text[text.index(START):text.index(END)]
-    assert "python -m convcore.bench --quick" in section
+    assert "python -m benchmarks.engine --quick" in section
+    # The header every benchmark shares (benchmarks/_harness.py): ISA flags and a measured GEMM peak.
+    assert re.search(r"- ISA: avx2 (yes|no), .*avx512f (yes|no), .*amx_tile (yes|no)", section), section[:2000]
+    assert re.search(r"- GEMM peak: 1024³ sgemm, 2 thread\(s\), best of 3: numpy/OpenBLAS [1-9]\d* ", section)
     head, rows = _table(section)
     for name in ALWAYS_MEASURED + OPTIONAL:
         assert name in head, f"column {name!r} missing from {head}"
@@ -49,8 +54,22 @@ def test_quick_benchmark_writes_a_parsable_table(tmp_path):
 
 
 def test_rows_pattern_without_match_fails_cleanly(tmp_path):
+    # Through the old command, which must keep working as an entry point of benchmarks/engine.py.
     proc = subprocess.run([sys.executable, "-m", "convcore.bench", "--rows", "no-such-row", "--output",
                            str(tmp_path / "B.md")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "no row matches" in proc.stderr
     assert not (tmp_path / "B.md").exists()
+
+
+def test_importing_convcore_does_not_import_benchmarks():
+    # The engine package must stay free of the benchmarks (which import torch, grpc, the server): import every
+    # convcore module, the old entry point included, and look for any benchmarks module in the process.
+    code = ("import pkgutil, importlib, sys, convcore\n"
+            "for m in pkgutil.iter_modules(convcore.__path__):\n"
+            "    importlib.import_module('convcore.' + m.name)\n"
+            "assert 'convcore.bench' in sys.modules\n"
+            "print(sorted(n for n in sys.modules if n == 'benchmarks' or n.startswith('benchmarks.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

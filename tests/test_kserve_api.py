@@ -7,16 +7,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from _reference import reference_conv
 from _server import client, server  # noqa: F401  (fixtures)
 from convproto.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc, model_config_pb2 as mc
 
 KERNEL = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+KERNEL_HWIO = np.random.default_rng(5).standard_normal((3, 2, 2, 5))  # float64, NHWC model, non-square kernel
 
 
 @pytest.fixture(scope="module")
 def stub(server, client):
     client.register_model("kv2", [{"kernel": KERNEL, "padding": "same", "activation": "relu"}])
-    client.register_model("kv2-nhwc", [{"kernel": np.ones((3, 3, 2, 5)), "data_format": "NHWC"}])
+    client.register_model("kv2-nhwc", [{"kernel": KERNEL_HWIO, "data_format": "NHWC"}])
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
@@ -54,15 +56,23 @@ def test_model_metadata_and_config(stub):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "'nope' is not registered" in info.value.details()
 
 
+def _output(reply, dtype):
+    """The reply's single output, shaped as the reply says (so a wrong shape in the reply fails on values)."""
+    assert len(reply.outputs) == 1 and len(reply.raw_output_contents) == 1
+    return np.frombuffer(reply.raw_output_contents[0], dtype).reshape(tuple(reply.outputs[0].shape))
+
+
 def test_model_infer_matches_conv_client(stub, client):
-    x = np.random.default_rng(1).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    # Non-square (H != W): a reply shape with H and W swapped must not pass.
+    x = np.random.default_rng(1).standard_normal((2, 3, 9, 6)).astype(np.float32)
     expected = client.infer("kv2", x)
+    np.testing.assert_allclose(expected, reference_conv(x, KERNEL, padding="same", activation="relu"),
+                               rtol=1e-4, atol=1e-4)
     # No outputs named: all are returned; the id is echoed.
     reply = stub.ModelInfer(_request(x, id="abc"))
     assert (reply.model_name, reply.model_version, reply.id) == ("kv2", "1", "abc")
-    assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [("output", "FP32", [2, 8, 9, 9])]
-    assert len(reply.raw_output_contents) == 1
-    y = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 8, 9, 9)
+    assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [("output", "FP32", [2, 8, 9, 6])]
+    y = _output(reply, np.float32)
     np.testing.assert_array_equal(y, expected)
     # The output named explicitly, and the input as typed contents instead of raw bytes.
     typed = pb.ModelInferRequest(
@@ -71,7 +81,19 @@ def test_model_infer_matches_conv_client(stub, client):
                                                       contents=pb.InferTensorContents(fp32_contents=x.ravel()))],
         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="output")])
     reply = stub.ModelInfer(typed)
-    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(y.shape), y)
+    np.testing.assert_array_equal(_output(reply, np.float32), y)
+
+
+def test_model_infer_channels_last_float64(stub):
+    """An NHWC float64 model with a non-square input and kernel: the reply's shape and values against the
+    reference (a layout or H/W mix-up in the KServe path fails here)."""
+    x = np.random.default_rng(2).standard_normal((2, 7, 4, 2))  # N, H, W, C
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP64", shape=x.shape)
+    reply = stub.ModelInfer(pb.ModelInferRequest(model_name="kv2-nhwc", inputs=[tensor],
+                                                 raw_input_contents=[x.tobytes()]))
+    assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [("output", "FP64", [2, 5, 3, 5])]
+    np.testing.assert_allclose(_output(reply, np.float64), reference_conv(x, KERNEL_HWIO, data_format="NHWC"),
+                               rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mutate, code, match", [

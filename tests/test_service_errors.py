@@ -34,9 +34,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
     ((X, np.ones((4, 3, 9, 9), np.float32)), {}, r"kernel size 9 .* larger than the padded input"),
     ((X, K, np.ones(5, np.float32)), {}, r"bias must have shape \(4,\)"),
     ((X[0], K), {}, r"x must have rank 3, 4 or 5|kernel must have rank"),
-    ((X, K), {"strides": "2"}, r"strides must be an int or a non-empty sequence of ints, got '2'"),
-    ((X, K), {"padding": [(1, 2, 3), (0, 0)]}, r"padding must be a string, an int, one int per spatial dim"),
-    ((X, K), {"groups": 1.5}, r"groups must be an int, got 1.5"),
+    ((X, K), {"strides": "2"}, r"strides must be an int or 2 ints \(one per spatial dim\), got '2'"),
+    ((X, K), {"padding": [(1, 2, 3), (0, 0)]}, r"padding entries must be ints or \(begin, end\) pairs of ints"),
+    ((X, K), {"groups": 1.5}, r"groups must be a positive int, got 1.5"),
 ])
 def test_bad_conv_arguments(client, args, kwargs, match):
     with pytest.raises(ConvError, match=match) as info:

@@ -43,8 +43,9 @@ def test_register_infer_list_get_delete(client):
     assert "edge" in client.list_models()
     assert client.get_model("edge") == info
 
-    for batch, size in ((1, 17), (3, 16)):  # any batch and spatial size: plans are cached per shape
-        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    # Any batch and spatial size (plans are cached per shape); H != W so that no H/W mix-up passes.
+    for batch, h, w in ((1, 17, 12), (3, 10, 16)):
+        x = rng.standard_normal((batch, 3, h, w)).astype(np.float32)
         y = client.infer("edge", x)
         assert y.dtype == np.float32
         np.testing.assert_allclose(y, _run_reference(layers, x), rtol=1e-4, atol=1e-5)
@@ -77,6 +78,24 @@ def test_register_replaces_and_channels_last_float64(client):
     assert y.dtype == np.float64
     np.testing.assert_allclose(y, _run_reference(layers, x), rtol=1e-10, atol=1e-12)
     client.delete_model("nhwc")
+
+
+@pytest.mark.parametrize("layout", [None, "OIHW"])
+def test_channels_last_model_whose_shapes_fit_both_layouts(client, layout):
+    """C = Cout = kernel size and H = C with "same" padding: read as NCHW/OIHW by mistake, every shape still fits,
+    so only the values can show that the layout was sent and used."""
+    rng = np.random.default_rng(6)
+    k = rng.standard_normal((3, 3, 3, 3))
+    layers = [{"kernel": k, "bias": rng.standard_normal(3), "padding": "same", "data_format": "NHWC",
+               "kernel_layout": layout},
+              {"kernel": rng.standard_normal((3, 3, 3, 3)), "padding": "same", "data_format": "channels_last",
+               "activation": "relu"}]
+    name = f"ambiguous-{layout}"
+    client.register_model(name, layers)
+    x = rng.standard_normal((2, 3, 8, 3))  # N, H, W, C
+    y = client.infer(name, x)
+    np.testing.assert_allclose(y, _run_reference(layers, x), rtol=1e-10, atol=1e-12)
+    client.delete_model(name)
 
 
 @pytest.mark.parametrize("name, layers, match", [

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Soak test (issue 5): the load harness at concurrency 16 for a while; zero errors and flat server RSS.
 
 Starts ``python -m server`` on a free loopback port with a temporary model repository (or uses ``--target`` with
@@ -6,25 +5,22 @@ Starts ``python -m server`` on a free loopback port with a temporary model repos
 ``python -m client.loadtest`` against it with a small conv layer. Exit 0 when the run had zero errors and the RSS
 growth stayed under ``--max-rss-growth-mb``.
 
-    python3 scripts/soak.py --duration 60 --write-benchmarks   # by hand; updates the "Soak" section of BENCHMARKS.md
-    python3 scripts/soak.py --duration 15                      # what CI runs (tests/test_soak.py)
+    python3 -m benchmarks.soak --duration 60 --write-benchmarks   # by hand; updates the "Soak" section of BENCHMARKS.md
+    python3 -m benchmarks.soak --duration 15                      # what CI runs (tests/test_soak.py)
 """
 import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from benchmarks._harness import ROOT, ServerProcess, machine_info, rss_kb, source_env, write_section
 
-from fuzz_server import ServerUnderTest, _rss_kb  # noqa: E402
+START, END = "<!-- soak:start -->", "<!-- soak:end -->"
 
 LAYER = "3x3,16->16,same,relu"
 INPUT = "1x16x32x32"
@@ -34,7 +30,7 @@ def run_soak(duration, concurrency=16, target=None, pid=None, warmup=2.0, server
     """Run the soak; return a report dict (RSS in kB, the loadtest summary, errors)."""
     server = None
     if target is None:
-        server = ServerUnderTest(server_args).start()
+        server = ServerProcess.temporary("--log-level", "WARNING", *server_args, prefix="soak-").start()
         target, pid = server.target, server.proc.pid
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -42,7 +38,7 @@ def run_soak(duration, concurrency=16, target=None, pid=None, warmup=2.0, server
             cmd = [sys.executable, "-m", "client.loadtest", "--target", target, "--layer", LAYER, "--input", INPUT,
                    "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
                    "--json", out, "--quiet"]
-            env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            env = source_env()
             samples = []
 
             def sample_rss():
@@ -50,7 +46,7 @@ def run_soak(duration, concurrency=16, target=None, pid=None, warmup=2.0, server
                 t0 = time.monotonic()
                 while not done.is_set():
                     try:
-                        samples.append((round(time.monotonic() - t0, 1), _rss_kb(pid)))
+                        samples.append((round(time.monotonic() - t0, 1), rss_kb(pid)))
                     except OSError:
                         return
                     done.wait(1.0)
@@ -86,20 +82,16 @@ def run_soak(duration, concurrency=16, target=None, pid=None, warmup=2.0, server
 
 
 def benchmarks_section(report):
-    """The "## Soak" section of BENCHMARKS.md for `report`."""
+    """The "## Soak" section of BENCHMARKS.md for `report` (markers included)."""
     lat = report["latency_ms"]
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
+    info = machine_info()
     return "\n".join([
+        START,
         "## Soak",
         "",
-        f"`python3 scripts/soak.py --duration {report['duration_s']:g} --write-benchmarks` "
-        f"({datetime.date.today().isoformat()}, {os.cpu_count()} cores, {cpu}, Python "
-        f"{platform.python_version()}; a shared machine). It runs `python -m client.loadtest` at concurrency "
+        f"`python3 -m benchmarks.soak --duration {report['duration_s']:g} --write-benchmarks` "
+        f"({datetime.date.today().isoformat()}, {info['cpus']} cores, {info['model']}, "
+        f"{info['versions'].split(', ')[0]}; a shared machine). It runs `python -m client.loadtest` at concurrency "
         f"{report['concurrency']} against a fresh server (layer `{report['layer']}`, input {report['input']}) and "
         f"samples the server's VmRSS every second after the warm-up. CI runs the same for 15 s "
         f"(`tests/test_soak.py`).",
@@ -109,25 +101,17 @@ def benchmarks_section(report):
         f"| {report['requests']} | {report['errors']} | {report['req_per_s']:.0f} | {lat['p50']:.1f} | "
         f"{lat['p99']:.1f} | {lat['max']:.1f} | {report['rss_start_kb'] / 1024:.1f} MiB | "
         f"{report['rss_end_kb'] / 1024:.1f} MiB | {report['rss_max_kb'] / 1024:.1f} MiB |",
-        "",
+        END,
     ])
 
 
 def write_benchmarks(report, path=os.path.join(ROOT, "BENCHMARKS.md")):
-    """Replace (or append) the "## Soak" section of BENCHMARKS.md, leaving every other section as it is."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = benchmarks_section(report)
-    pattern = re.compile(r"^## Soak\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda m: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+    """Replace (or append) the marked Soak section of BENCHMARKS.md, leaving every other section as it is."""
+    write_section(path, benchmarks_section(report), START, END)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds (default 60)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--target", help="an existing server (host:port); needs --pid for the RSS check")
