@@ -6,7 +6,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from convproto.convservice.v1 import conv_pb2_grpc
 
-from . import _ops
+from . import _ops, wire
 from ._channel import DEFAULT_MAX_MESSAGE_MB, DEFAULT_RETRY_ATTEMPTS, ChannelSettings
 from ._errors import from_rpc_error
 
@@ -184,6 +184,21 @@ class _ClientMethods:
         return self._call(_ops.health())
 
 
+class _RawStub:
+    """Infer and Conv with `wire`'s codecs: the request is encoded with one copy of the input, and the reply's
+    tensor is a view of the received bytes (the generated classes would copy each 2-3 times)."""
+
+    def __init__(self, channel):
+        for method in ("Infer", "Conv"):
+            setattr(self, method, channel.unary_unary(f"/convservice.v1.ConvService/{method}",
+                                                      response_deserializer=wire.decode_tensor_response))
+
+
+def _stubs(channel):
+    return {"conv": conv_pb2_grpc.ConvServiceStub(channel), "health": health_pb2_grpc.HealthStub(channel),
+            "raw": _RawStub(channel)}
+
+
 class ConvClient(_ClientMethods):
     """Blocking client of the convolution service.
 
@@ -223,8 +238,7 @@ class ConvClient(_ClientMethods):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
                                          retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.channel()
-        self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
-                       "health": health_pb2_grpc.HealthStub(self._channel)}
+        self._stubs = _stubs(self._channel)
 
     @property
     def target(self):
@@ -263,8 +277,7 @@ class AsyncConvClient(_ClientMethods):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
                                          retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.aio_channel()
-        self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
-                       "health": health_pb2_grpc.HealthStub(self._channel)}
+        self._stubs = _stubs(self._channel)
 
     target = ConvClient.target
 

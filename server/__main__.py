@@ -6,7 +6,6 @@ import signal
 import sys
 import threading
 
-from ._app import create_server
 from ._config import ServerConfig, _default_repository
 from ._hardening import add_arguments, apply_arguments
 
@@ -29,6 +28,11 @@ def _port(text):
 
 def parse_args(argv=None):
     """Parse the command line into (address, ServerConfig, port_file, log_level)."""
+    return _parse(argv)[0]
+
+
+def _parse(argv):
+    """((address, ServerConfig, port_file, log_level), the parsed flags)."""
     defaults = ServerConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m server", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -44,6 +48,10 @@ def parse_args(argv=None):
                    help="OpenMP threads per convolution; %(default)s = convcore's choice (all usable cores)")
     p.add_argument("--compute-slots", type=_positive_int, default=None, metavar="N",
                    help="convolutions at once; %(default)s = usable cores // OpenMP threads")
+    p.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES, default=None,
+                   help="what idle OpenMP threads do between convolutions: passive (sleep at once, the default "
+                        "unless $OMP_WAIT_POLICY or $GOMP_SPINCOUNT is set) leaves the cores to gRPC's threads; "
+                        "active spins (lowest latency for back-to-back large calls, burns a core)")
     p.add_argument("--grace", type=float, default=defaults["grace_seconds"].default, metavar="SECONDS",
                    help="seconds in-flight calls may take to finish on shutdown")
     p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
@@ -65,7 +73,34 @@ def parse_args(argv=None):
                           max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
                           compute_slots=args.compute_slots, grace_seconds=args.grace,
                           kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port, **hardening)
-    return f"{host}:{args.port}", config, args.port_file, args.log_level
+    return (f"{host}:{args.port}", config, args.port_file, args.log_level), args
+
+
+#: --omp-wait values; each is an OMP_WAIT_POLICY, which every OpenMP runtime reads once, when it starts.
+OMP_WAIT_CHOICES = ("passive", "active")
+
+
+def configure_openmp(policy, environ=os.environ):
+    """Set the OpenMP wait policy for this process; must run before convcore (the OpenMP runtime) is imported.
+
+    Why passive by default: a server's OpenMP workers that spin after each call (libgomp spins ~300k iterations,
+    milliseconds) take the cores that gRPC's threads need to receive the next request and send this answer; with
+    2 cores, the issue-10 measurements showed up to 3x the CPU per request for the same calls. An explicit
+    ``policy`` wins over the environment; without one, an OMP_WAIT_POLICY or GOMP_SPINCOUNT already set is kept.
+    Returns the policy in force (or a description of the environment's).
+    """
+    if "convcore" in sys.modules:
+        raise RuntimeError("configure_openmp must run before convcore is imported (the OpenMP runtime reads the "
+                           "wait policy once, when it starts)")
+    if policy is None:
+        if environ.get("OMP_WAIT_POLICY") or environ.get("GOMP_SPINCOUNT"):
+            return "from the environment (" + ", ".join(f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY",
+                                                                                     "GOMP_SPINCOUNT")
+                                                        if environ.get(k)) + ")"
+        policy = "passive"
+    environ["OMP_WAIT_POLICY"] = policy
+    environ.pop("GOMP_SPINCOUNT", None)  # libgomp lets it override the policy
+    return policy
 
 
 def _write_port_file(path, port):
@@ -77,8 +112,11 @@ def _write_port_file(path, port):
 
 def main(argv=None):
     """Run the server; return the process exit code."""
-    address, config, port_file, log_level = parse_args(argv)
+    (address, config, port_file, log_level), args = _parse(argv)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    omp_wait = configure_openmp(args.omp_wait)
+    from ._app import create_server  # imports convcore, which starts the OpenMP runtime: after configure_openmp
+    log.info("OpenMP wait policy: %s", omp_wait)
     stop = threading.Event()
     received = []
 

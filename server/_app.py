@@ -8,17 +8,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import convcore
-from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
-from convproto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from convproto.convservice.v1 import conv_pb2
+from convproto.inference import grpc_service_pb2
 
 from ._compute import ComputeExecutor
 from ._config import DEFAULT_ADDRESS, MIB, ServerConfig
-from ._engine import Engine
 from ._errors import ErrorMappingInterceptor
 from ._hardening import hardening_interceptors, request_limit_options
 from ._kserve import KServeServicer
 from ._metrics import MetricsInterceptor, ServerMetrics, serve_metrics
 from ._repository import ModelRepository
+from ._service import InferenceService
 from ._servicer import ConvServicer
 
 __all__ = ["create_server", "ConvServer", "SERVICE_NAMES"]
@@ -117,7 +117,8 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     metrics = ServerMetrics()
     metrics.track_models(lambda: len(repository.names()))
     executor = ComputeExecutor(config.omp_threads, config.compute_slots, observe=metrics.observe_job)
-    engine = Engine(repository, executor, config.max_message_bytes, max_output_bytes=config.max_output_mb * MIB)
+    service = InferenceService(repository, executor, config.max_message_bytes,
+                               max_output_bytes=config.max_output_mb * MIB, max_layers=config.max_layers)
 
     limit = config.max_message_bytes
     options = [
@@ -140,9 +141,8 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     health_servicer = health.HealthServicer()
     server = ConvServer(grpc_server, config, repository, executor, health_servicer, metrics)
 
-    conv_pb2_grpc.add_ConvServiceServicer_to_server(ConvServicer(engine), grpc_server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(engine, config.kserve_max_batch_size, VERSION, lambda: server.ready), grpc_server)
+    ConvServicer(service).add_to_server(grpc_server)
+    KServeServicer(service, config.kserve_max_batch_size, VERSION, lambda: server.ready).add_to_server(grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("",) + SERVICE_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
