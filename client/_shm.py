@@ -20,8 +20,9 @@ import numpy as np
 from convproto.inference import grpc_service_pb2 as kserve
 
 from ._errors import invalid_argument
+from ._ops import Op
 
-__all__ = ["SharedMemoryRegion", "infer_request", "read_output", "OUTPUT_ALIGNMENT"]
+__all__ = ["SharedMemoryRegion", "SharedMemoryContext", "infer_request", "read_output", "infer_op", "OUTPUT_ALIGNMENT"]
 
 #: The output starts at the first multiple of this after the input (cache-line aligned for the server's copy).
 OUTPUT_ALIGNMENT = 64
@@ -163,3 +164,58 @@ def read_output(reply, region, input_nbytes):
     array = region.array(tuple(out.shape), _NUMPY[out.datatype], region.output_offset(input_nbytes))
     array.flags.writeable = False
     return array
+
+
+def infer_op(name, x, region):
+    """The `Op` of ``client.infer(name, x, shared_memory=region)``."""
+    x = np.asarray(x)
+    nbytes = x.nbytes
+    return Op("kserve", "ModelInfer", infer_request(name, x, region), lambda reply: read_output(reply, region, nbytes))
+
+
+class SharedMemoryContext:
+    """What ``client.shared_memory(nbytes)`` returns: ``with`` (or ``async with`` on AsyncConvClient) gives a
+    `SharedMemoryRegion` registered with the server, and unregisters and unlinks it on the way out, also on error."""
+
+    def __init__(self, client, nbytes):
+        self._client = client
+        self._nbytes = nbytes
+        self.region = None
+
+    def _register(self):
+        self.region = SharedMemoryRegion(self._nbytes)
+        request = kserve.SystemSharedMemoryRegisterRequest(name=self.region.name, key=self.region.key, offset=0,
+                                                           byte_size=self.region.nbytes)
+        return Op("kserve", "SystemSharedMemoryRegister", request, lambda reply: self.region)
+
+    def _unregister(self):
+        return Op("kserve", "SystemSharedMemoryUnregister",
+                  kserve.SystemSharedMemoryUnregisterRequest(name=self.region.name), lambda reply: None)
+
+    def __enter__(self):
+        op = self._register()
+        try:
+            return self._client._call(op)
+        except BaseException:
+            self.region.close()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            self._client._call(self._unregister())
+        finally:
+            self.region.close()
+
+    async def __aenter__(self):
+        op = self._register()
+        try:
+            return await self._client._call(op)
+        except BaseException:
+            self.region.close()
+            raise
+
+    async def __aexit__(self, *exc):
+        try:
+            await self._client._call(self._unregister())
+        finally:
+            self.region.close()

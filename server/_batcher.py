@@ -40,7 +40,8 @@ import numpy as np
 
 from ._errors import InvalidArgument, RequestCancelled
 
-__all__ = ["BatchingConfig", "DynamicBatcher", "BatchDeadlineExceeded", "MAX_QUEUE_DELAY_MICROSECONDS"]
+__all__ = ["BatchingConfig", "DynamicBatcher", "BatchDeadlineExceeded", "MAX_QUEUE_DELAY_MICROSECONDS",
+           "resolve_batching"]
 
 log = logging.getLogger("server")
 
@@ -133,16 +134,44 @@ class BatchingConfig:
         return self.max_queue_delay_microseconds / 1e6
 
 
-class _Token:
-    """Cancel token of one batch (the ComputeExecutor token interface): set when every member has left."""
+def resolve_batching(settings, defaults):
+    """A model's BatchingConfig from its registered `settings` dict and the server's `defaults`, which also cap it.
 
-    __slots__ = ("cancelled",)
+    Raises InvalidArgument naming the field, also when max_batch_size is over the server's (``--max-batch-size``).
+    """
+    config = BatchingConfig.from_dict(settings, defaults)
+    if defaults is not None and config.max_batch_size > defaults.max_batch_size:
+        raise InvalidArgument(f"batching.max_batch_size must be at most {defaults.max_batch_size} (the server's "
+                              f"--max-batch-size), got {config.max_batch_size}")
+    return config
+
+
+class _Token:
+    """Cancel token of one batch: set when every member has left.
+
+    It also looks like an RPC context to the compute executor (``is_active``, ``add_callback``), so a batch's compute
+    is dropped or stopped between layers exactly as one RPC's is.
+    """
+
+    __slots__ = ("cancelled", "_callbacks")
 
     def __init__(self):
         self.cancelled = False
+        self._callbacks = []
 
     def cancel(self):
         self.cancelled = True
+        for fn in self._callbacks:
+            fn()
+
+    def is_active(self):
+        return not self.cancelled
+
+    def add_callback(self, fn):
+        if self.cancelled:
+            return False
+        self._callbacks.append(fn)
+        return True
 
     def check(self):
         if self.cancelled:

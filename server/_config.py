@@ -64,6 +64,11 @@ class ServerConfig:
         Require ``authorization: Bearer <token>`` on every RPC but health.
     read_only_models : bool
         Refuse RegisterModel/DeleteModel with PERMISSION_DENIED.
+    batch_max_queue_delay_microseconds, batch_preferred_batch_size : int, tuple of int
+        Defaults of a model registered with dynamic batching (its max_batch_size defaults to
+        ``kserve_max_batch_size``, which also caps it); models without batching compute each request alone.
+    shared_memory : bool
+        Serve Triton's system shared-memory extension.
     """
 
     model_repository: str = field(default_factory=_default_repository)
@@ -86,6 +91,15 @@ class ServerConfig:
     default_deadline: float | None = 300.0
     auth_token: str | None = None
     read_only_models: bool = False
+    batch_max_queue_delay_microseconds: int = 500
+    batch_preferred_batch_size: tuple = ()
+    shared_memory: bool = True
+
+    def batching_defaults(self):
+        """The BatchingConfig a model registered with an empty ``batching`` gets (ValueError if the flags are bad)."""
+        from ._batcher import BatchingConfig
+        return BatchingConfig(self.kserve_max_batch_size, tuple(self.batch_preferred_batch_size),
+                              self.batch_max_queue_delay_microseconds)
 
     def __post_init__(self):
         for name in ("max_output_mb", "max_layers", "max_models", "max_in_flight"):

@@ -17,6 +17,7 @@ Safety, because a client controls both the name and the object:
   unregistered, shrunk or unlinked between two accesses gets an error naming it.
 - `close` (server stop) closes every region, including those a crashed client left registered.
 """
+import math
 import os
 import re
 import stat
@@ -24,9 +25,9 @@ import threading
 
 import numpy as np
 
-from ._errors import InvalidArgument, LimitExceeded, ModelExists
+from ._errors import InvalidArgument, LimitExceeded, ModelExists, ModelNotFound
 
-__all__ = ["SharedMemoryRegistry", "SharedMemoryError", "RegionExists", "SHM_DIR", "MAX_REGIONS"]
+__all__ = ["SharedMemoryRegistry", "SharedMemoryError", "RegionExists", "RegionNotFound", "SHM_DIR", "MAX_REGIONS"]
 
 SHM_DIR = "/dev/shm"
 #: Regions registered at once (each holds a file descriptor).
@@ -37,6 +38,10 @@ _NAME_MAX = 256
 
 class SharedMemoryError(InvalidArgument):
     """A region or an access to it is not usable (unknown, out of bounds, shrunk, unlinked); INVALID_ARGUMENT."""
+
+
+class RegionNotFound(ModelNotFound):
+    """SystemSharedMemoryStatus for a name that is not registered; NOT_FOUND."""
 
 
 class RegionExists(ModelExists):
@@ -147,13 +152,13 @@ class SharedMemoryRegistry:
     def status(self, name=""):
         """``[(name, key, offset, byte_size)]`` of region `name`, or of every region when `name` is empty.
 
-        Raises SharedMemoryError for an unknown `name`.
+        Raises RegionNotFound for an unknown `name`.
         """
         with self._lock:
             if name:
                 region = self._regions.get(name)
                 if region is None:
-                    raise SharedMemoryError(f"shared-memory region {name!r} is not registered")
+                    raise RegionNotFound(name, f"shared-memory region {name!r} is not registered")
                 regions = [region]
             else:
                 regions = sorted(self._regions.values(), key=lambda r: r.name)
@@ -276,7 +281,9 @@ class _Access:
         `byte_size` (the request's shared_memory_byte_size, or None) must equal the tensor's size.
         """
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if any(d < 0 for d in shape):
+            raise SharedMemoryError(f"input shape {list(shape)} has a negative dimension")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no int64 overflow to a small number
         pos = self._check("input", offset, nbytes, byte_size)
         if out is None:
             out = np.empty(shape, dtype)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from server._errors import LimitExceeded
-from server._shm import SHM_DIR, RegionExists, SharedMemoryError, SharedMemoryRegistry, shm_path
+from server._shm import SHM_DIR, RegionExists, RegionNotFound, SharedMemoryError, SharedMemoryRegistry, shm_path
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="needs POSIX shared memory in /dev/shm")
 
@@ -160,8 +160,12 @@ def test_accesses_are_checked_against_the_region(registry, shm_object):
         registry.write("r", 56, None, np.zeros(2))
     with pytest.raises(SharedMemoryError, match=r"shared_memory_offset must be an int >= 0, got -8"):
         registry.write("r", -8, None, np.zeros(1))
-    with pytest.raises(SharedMemoryError, match=r"is not registered"):
+    with pytest.raises(RegionNotFound, match=r"region 'nope' is not registered"):
         registry.status("nope")
+    with pytest.raises(SharedMemoryError, match=r"input shape \[2, -1\] has a negative dimension"):
+        registry.read("r", 0, 8, np.float32, (2, -1))
+    with pytest.raises(SharedMemoryError, match=r"past the end of region 'r'"):
+        registry.read("r", 0, None, np.float32, (2**62, 2**62))  # would wrap to 0 bytes in int64
 
 
 def test_a_shrunk_object_gives_an_error_not_a_crash(registry, shm_object):
