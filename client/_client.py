@@ -220,6 +220,58 @@ class _ClientMethods:
         """
         return self._call(_ops.health())
 
+    def register_onnx(self, name, model):
+        """Register an ONNX model that is a chain of convolutions (see `onnx_layers` for what maps).
+
+        Parameters
+        ----------
+        name : str
+            As in `register_model`.
+        model : str, os.PathLike, bytes or onnx.ModelProto
+            A ``.onnx`` file, its bytes, or a loaded model (read, never changed). Needs the ``[onnx]`` extra.
+
+        Returns
+        -------
+        dict
+            The model as the server sees it (see `get_model`).
+
+        Raises
+        ------
+        ConvError
+            INVALID_ARGUMENT, before anything is sent, naming the node that cannot be mapped (or the extra to
+            install); then as `register_model`.
+        """
+        from ._import_onnx import onnx_layers  # imports onnx only now: an optional extra
+
+        return self.register_model(name, onnx_layers(model))
+
+    def register_torch(self, name, module, example_input=None):
+        """Register an ``nn.Sequential``-style PyTorch module of convolutions (see `torch_layers` for what maps).
+
+        Parameters
+        ----------
+        name : str
+            As in `register_model`.
+        module : torch.nn.Module
+            Read with inference semantics, never changed. Needs the ``[torch]`` extra.
+        example_input : torch.Tensor or numpy.ndarray, optional
+            If given, the module's forward on it is checked against the mapped layers before sending.
+
+        Returns
+        -------
+        dict
+            The model as the server sees it (see `get_model`).
+
+        Raises
+        ------
+        ConvError
+            INVALID_ARGUMENT, before anything is sent, naming the submodule that cannot be mapped (or the extra to
+            install); then as `register_model`.
+        """
+        from ._import_torch import torch_layers  # imports torch only now: an optional extra
+
+        return self.register_model(name, torch_layers(module, example_input))
+
 
 class _RawStub:
     """Infer and Conv with `wire`'s codecs: the request is encoded with one copy of the input, and the reply's
@@ -351,5 +403,9 @@ def _as_coroutine(name):
 # Real coroutine functions (inspect.iscoroutinefunction is True) with the blocking methods' signatures and docs.
 for _name in ("conv", "conv1d", "conv2d", "conv3d", "register_model", "infer", "list_models", "get_model",
               "delete_model", "health"):
+    setattr(AsyncConvClient, _name, _as_coroutine(_name))
+del _name
+# The importers (issue 12) map the model on the client, then call register_model: coroutines in the async client too.
+for _name in ("register_onnx", "register_torch"):
     setattr(AsyncConvClient, _name, _as_coroutine(_name))
 del _name

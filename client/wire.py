@@ -133,8 +133,8 @@ def tensor_array(field, dtype, shape, data):
     payload): then one copy, because the engine's kernels assume naturally aligned elements.
     Raises ValueError naming `field` when the shape is negative or the byte count does not match.
     """
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
+    shape = tuple(shape)
+    if shape and min(shape) < 0:
         raise ValueError(f"{field}.shape must hold sizes >= 0, got {list(shape)}")
     expected = math.prod(shape) * dtype.itemsize
     size = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -460,16 +460,30 @@ def tensor_response(shape, dtype):
     return MessageBuffer(_tensor_header(dtype, shape, nbytes, 1), shape, np.dtype(dtype).newbyteorder("<"))
 
 
+_HEADERS = {}  # (model, version, output, shape, dtype) -> header, for responses without an id (most of them)
+
+
 def model_infer_response(model_name, model_version, request_id, output_name, shape, dtype):
     """A MessageBuffer for a ModelInferResponse with one output tensor sent as raw_output_contents[0]."""
     dtype = np.dtype(dtype)
+    key = (model_name, model_version, output_name, shape, dtype.str)
+    header = _HEADERS.get(key) if not request_id else None
+    if header is None:
+        header = _model_infer_header(model_name, model_version, request_id, output_name, shape, dtype)
+        if not request_id:
+            if len(_HEADERS) >= 256:
+                _HEADERS.clear()  # shapes are client-chosen: keep the table bounded
+            _HEADERS[key] = header
+    return MessageBuffer(header, shape, dtype.newbyteorder("<"))
+
+
+def _model_infer_header(model_name, model_version, request_id, output_name, shape, dtype):
     head = kserve_pb2.ModelInferResponse(
         model_name=model_name, model_version=model_version, id=request_id,
         outputs=[kserve_pb2.ModelInferResponse.InferOutputTensor(name=output_name, datatype=kserve_datatype(dtype),
                                                                    shape=shape)]).SerializeToString()
     nbytes = math.prod(shape) * dtype.itemsize
-    header = _padded(head, bytes((0x32,)) + _encode_varint(nbytes))  # field 6: raw_output_contents
-    return MessageBuffer(header, shape, dtype.newbyteorder("<"))
+    return _padded(head, bytes((0x32,)) + _encode_varint(nbytes))  # field 6: raw_output_contents
 
 
 def infer_request(name, x):

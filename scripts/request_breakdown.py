@@ -155,9 +155,20 @@ def probes_before():
 
 
 def probes_after():
-    """Probes for the code layout of issue 10 (server/_service.InferenceService, server/_wire)."""
-    from server import _service
-    _service.install_probes(REC)
+    """Probes for the code layout of issue 10 (server/_service.InferenceService, client/wire, thin servicers)."""
+    from client import wire
+    from server import _compute, _kserve, _service, _servicer
+    REC.patch(wire, "decode_infer_request", "grpc deserialize: wire decode")
+    REC.patch(wire, "decode_model_infer_request", "grpc deserialize: wire decode")
+    REC.patch(_servicer, "required_tensor", "decode input")
+    REC.patch(_kserve, "_input", "decode input")
+    REC.patch(_service.InferenceService, "model", "lookup")
+    REC.patch(_service.InferenceService, "route", "checks + route cache")
+    REC.patch(_service.InferenceService, "infer", "service.infer (checks, slot, compute)")
+    REC.patch(_compute.ComputeExecutor, "run", "executor.run (slot, compute)")
+    REC.patch(_service.InferenceService, "_infer_job", "job (response buffer + compute)")
+    REC.patch(wire, "tensor_response", "encode: response buffer")
+    REC.patch(wire, "model_infer_response", "encode: response buffer")
 
 
 PROBES = {"before": probes_before, "after": probes_after}

@@ -48,7 +48,7 @@ def _parse(argv):
     p.add_argument("--model-repository", default=_default_repository(), metavar="DIR",
                    help="folder of registered models ($CONVSERVICE_MODEL_REPOSITORY overrides the default)")
     p.add_argument("--workers", type=_positive_int, default=defaults["workers"].default, metavar="N",
-                   help="threads serving RPCs (compute runs on its own bounded executor)")
+                   help="threads serving RPCs (each call is decoded, computed and encoded on one)")
     p.add_argument("--max-message-mb", type=_positive_int, default=defaults["max_message_mb"].default, metavar="MB",
                    help="largest request/response message, MiB")
     p.add_argument("--omp-threads", type=_positive_int, default=None, metavar="N",

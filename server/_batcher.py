@@ -25,9 +25,9 @@ member has gone). If the batched compute raises, each member is computed alone, 
 provokes (e.g. a size limit) fails nobody, and an error of one member's own fails only that member.
 
 Exact results: each caller gets exactly its own rows of the batch output. They are bit-identical to running the
-request alone only if the compute's result for a row does not depend on the batch it is in. For convcore that holds
-when a plan's work split (pixel tiles, output-channel chunks) is chosen per sample, not from the batch size; see
-`tests/test_batcher.py` and the status note of this change.
+request alone only if the compute's result for a row does not depend on the batch it is in. convcore's default dense
+path (packed GEMM) guarantees it; its BLAS path (``algorithm="blas"``) does not, since OpenBLAS's result for an
+element depends on the GEMM's shape.
 """
 import collections
 import dataclasses

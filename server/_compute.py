@@ -3,7 +3,9 @@
 Why slots: each convcore call runs an OpenMP team with the GIL released. If every gRPC worker thread computed
 whenever it liked, W workers x T OpenMP threads would fight over the cores (2 here). So a job first takes as many
 CPU units as the OpenMP threads it will use (1 for a small layer, which convcore runs on one thread; the team for a
-large one) out of ``usable cores`` (or ``--compute-slots`` x team), and waits in FIFO order while they are taken.
+large one) out of ``usable cores`` (or ``--compute-slots`` x team). When fewer are free it starts with those, on
+fewer threads (work-conserving: a busy server runs two one-thread jobs side by side rather than one two-thread job
+and a queue); with none free it waits in FIFO order.
 
 Why on the RPC's own thread: handing the job to another thread and back costs two wake-ups and two GIL hand-offs
 per call (0.15 ms on a small layer, more under load: measured in BENCHMARKS.md, issue 10). When the units are free
@@ -66,23 +68,22 @@ class BufferPool:
 
 
 class CancelToken:
-    """Set when the RPC that submitted a job has ended; a job checks it between steps."""
+    """Set when the RPC that submitted a job has ended; a job checks it between steps.
 
-    __slots__ = ("_event",)
+    A plain attribute, not a threading.Event: it is only polled, never waited on, and one is made per call.
+    """
+
+    __slots__ = ("cancelled",)
 
     def __init__(self):
-        self._event = threading.Event()
+        self.cancelled = False
 
     def cancel(self):
-        self._event.set()
-
-    @property
-    def cancelled(self):
-        return self._event.is_set()
+        self.cancelled = True
 
     def check(self):
         """Raise RequestCancelled if the RPC has ended."""
-        if self._event.is_set():
+        if self.cancelled:
             raise RequestCancelled(_CANCELLED)
 
 
@@ -90,7 +91,7 @@ class _Waiter:
     __slots__ = ("units", "event", "granted")
 
     def __init__(self, units):
-        self.units, self.event, self.granted = units, threading.Event(), False
+        self.units, self.event, self.granted = units, threading.Event(), 0
 
 
 class ComputeExecutor:
@@ -124,11 +125,14 @@ class ComputeExecutor:
         self._closed = False
 
     def run(self, context, fn, *args, threads=None, label=""):
-        """Run ``fn(token, *args)`` for the RPC `context` on this thread once `threads` CPU units are free.
+        """Run ``fn(token, granted, *args)`` for the RPC `context` on this thread once it holds CPU units.
 
-        `threads` is the OpenMP threads the job will use (None: the team); `label` names the job in the metrics
-        (the model name; "" for a one-off convolution). Raises RequestCancelled if the RPC ends before the job
-        completes (the job is dropped if it is still waiting).
+        `threads` is the OpenMP threads the job would like (None: the team). It gets that many units when they are
+        free; when fewer are free it starts at once with those (`granted`, at least 1, is how many threads it may
+        use), because on a busy server two narrower jobs side by side keep the cores busier than one wide job and a
+        queue. With none free it waits in FIFO order. `label` names the job in the metrics (the model name; "" for
+        a one-off convolution). Raises RequestCancelled if the RPC ends before the job completes (the job is
+        dropped if it is still waiting).
         """
         if not context.is_active():
             raise RequestCancelled(_CANCELLED)
@@ -139,8 +143,9 @@ class ComputeExecutor:
             if self._closed:
                 raise RequestCancelled("the server is shutting down")
             waiter = None
-            if self._free >= units and not self._waiters:
-                self._free -= units
+            if self._free >= 1 and not self._waiters:
+                granted = min(units, self._free)
+                self._free -= granted
             else:
                 waiter = _Waiter(units)
                 self._waiters.append(waiter)
@@ -148,13 +153,13 @@ class ComputeExecutor:
             if not context.add_callback(token.cancel):
                 token.cancel()  # the RPC already terminated
         else:
-            self._wait(context, token, waiter)
+            granted = self._wait(context, token, waiter)
         started = time.perf_counter()
         try:
             token.check()
-            return fn(token, *args)
+            return fn(token, granted, *args)
         finally:
-            self._release(units)
+            self._release(granted)
             if self._observe is not None:
                 self._observe(label, started - submitted, time.perf_counter() - started)
 
@@ -168,7 +173,7 @@ class ComputeExecutor:
         waiter.event.wait()
         with self._lock:
             if waiter.granted:
-                return  # a cancel that raced the grant is seen by token.check() and gives the units back
+                return waiter.granted  # a cancel that raced the grant is seen by token.check(), which gives back
             if waiter in self._waiters:  # not when shutdown() emptied the queue
                 self._waiters.remove(waiter)
         log.info("dropped a queued compute job: its call ended (cancelled or past its deadline)")
@@ -177,11 +182,11 @@ class ComputeExecutor:
     def _release(self, units):
         with self._lock:
             self._free += units
-            # FIFO: the longest waiter goes first, even if a later, smaller job would fit (no starvation).
-            while self._waiters and self._waiters[0].units <= self._free and not self._closed:
+            # FIFO: the longest waiter goes first, with what is free (at least one unit, at most what it asked).
+            while self._waiters and self._free >= 1 and not self._closed:
                 waiter = self._waiters.popleft()
-                self._free -= waiter.units
-                waiter.granted = True
+                waiter.granted = min(waiter.units, self._free)
+                self._free -= waiter.granted
                 waiter.event.set()
 
     def shutdown(self, wait=True):

@@ -24,14 +24,15 @@ class ServerConfig:
     model_repository : str
         Folder holding the registered models (created if missing).
     workers : int
-        Threads serving RPCs (decoding, encoding, queueing). Compute does not run on them: it runs on a separate
-        executor of ``compute_slots`` threads, so these threads never multiply with the OpenMP team.
+        Threads serving RPCs: each call is decoded, computed and encoded on one of them. A call computes once it
+        holds CPU units (see ``compute_slots``), so these threads never multiply with the OpenMP team.
     max_message_mb : int
         Largest message accepted or sent, in MiB (gRPC's own default is 4 MiB).
     omp_threads : int or None
         OpenMP threads per convolution; None lets convcore choose (all usable cores, fewer for small work).
     compute_slots : int or None
-        Convolutions running at once; None: usable cores // OpenMP threads (at least 1), so that concurrent calls
+        Convolutions of a full OpenMP team running at once; None: usable cores // OpenMP threads (at least 1). The
+        CPU units are compute_slots x team, so as many one-thread convolutions run at once, and concurrent calls
         never oversubscribe the cores.
     grace_seconds : float
         On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled.

@@ -78,19 +78,20 @@ def _input(call, model, max_batch, shared_memory=None):
     """
     request = call.message
     datatype = wire.kserve_datatype(model.dtype)
-    names = [t.name for t in request.inputs]
-    if names != [INPUT]:
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != INPUT:
         raise InvalidArgument(f"inputs must hold exactly one tensor named {INPUT!r} (model {model.name!r}), "
-                              f"got {names}")
-    tensor = request.inputs[0]
+                              f"got {[t.name for t in inputs]}")
+    tensor = inputs[0]
     if tensor.datatype != datatype:
         raise InvalidArgument(f"inputs[0].datatype must be {datatype!r} for model {model.name!r}, "
                               f"got {tensor.datatype!r}")
-    if len(tensor.shape) != model.nsp + 2:
+    shape = tuple(tensor.shape)
+    if len(shape) != model.nsp + 2:
         raise InvalidArgument(f"inputs[0].shape must have {model.nsp + 2} dims (batch first, then "
-                              f"{model.dims(model.in_channels)}), got {list(tensor.shape)}")
-    if tensor.shape[0] > max_batch:
-        raise InvalidArgument(f"inputs[0].shape has batch {tensor.shape[0]}, over the model's max_batch_size "
+                              f"{model.dims(model.in_channels)}), got {list(shape)}")
+    if shape[0] > max_batch:
+        raise InvalidArgument(f"inputs[0].shape has batch {shape[0]}, over the model's max_batch_size "
                               f"{max_batch}")
     dtype = wire.KSERVE_DTYPES[datatype]
     shm = _shm_params("inputs[0]", tensor.parameters)
@@ -99,20 +100,20 @@ def _input(call, model, max_batch, shared_memory=None):
             raise InvalidArgument(f"inputs[0] names a shared-memory region, but {_SHM_OFF}")
         if call.raw or tensor.HasField("contents"):
             raise InvalidArgument("inputs[0] is in shared memory: raw_input_contents and contents must be empty")
-        if any(d < 1 for d in tensor.shape):
-            raise InvalidArgument(f"inputs[0].shape must hold positive sizes, got {list(tensor.shape)}")
+        if any(d < 1 for d in shape):
+            raise InvalidArgument(f"inputs[0].shape must hold positive sizes, got {list(shape)}")
         started = time.perf_counter()
         region, byte_size, offset = shm
-        x = shared_memory.read(region, offset, byte_size, dtype, tuple(tensor.shape))
+        x = shared_memory.read(region, offset, byte_size, dtype, shape)
         return x, time.perf_counter() - started
     if call.raw:
         if len(call.raw) != len(request.inputs):
             raise InvalidArgument(f"raw_input_contents must hold one entry per input ({len(request.inputs)}), "
                                   f"got {len(call.raw)}")
-        return wire.tensor_array("raw_input_contents[0]", dtype, tensor.shape, call.raw[0]), 0.0
+        return wire.tensor_array("raw_input_contents[0]", dtype, shape, call.raw[0]), 0.0
     field = _CONTENTS[datatype]
     values = np.array(getattr(tensor.contents, field), dtype=dtype)  # the one copy typed contents need
-    return wire.tensor_array(f"inputs[0].contents.{field}", dtype, tensor.shape, values.data), 0.0
+    return wire.tensor_array(f"inputs[0].contents.{field}", dtype, shape, values.data), 0.0
 
 
 class KServeServicer:

@@ -82,6 +82,7 @@ class ServerMetrics:
         self.batching_queue = Histogram("convserver_batching_queue_duration_seconds",
                                         "Time a request waited for its dynamic batch to be dispatched",
                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self._job_children = {}  # model -> (queue, compute) label children
 
     def track_models(self, count):
         """Report ``count()`` (a callable) as the number of loaded models, read at every scrape."""
@@ -89,9 +90,12 @@ class ServerMetrics:
 
     def observe_job(self, model, queued, ran):
         """Record one compute job: seconds waiting for a slot, seconds running (the executor calls this)."""
+        children = self._job_children.get(model)
+        if children is None:  # .labels() takes a lock and builds a key: once per model, not per call
+            children = self._job_children[model] = (self.queue.labels(model), self.compute.labels(model))
         if queued is not None:
-            self.queue.labels(model).observe(queued)
-        self.compute.labels(model).observe(ran)
+            children[0].observe(queued)
+        children[1].observe(ran)
 
     def observe_batch(self, model, rows):
         """Record one batch of `rows` computed for `model` (the dynamic batcher calls this)."""
@@ -105,6 +109,7 @@ class ServerMetrics:
         """Drop the series of model ``name`` (it was deleted)."""
         for full_method in _MODEL_FIELD:
             self.duration.remove(*_split(full_method), name)
+        self._job_children.pop(name, None)
         self.queue.remove(name)
         self.compute.remove(name)
         self.batch_size.remove(name)

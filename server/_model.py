@@ -87,7 +87,7 @@ class Model:
         self.batching = None  # a BatchingConfig when registered with dynamic batching (set by the repository)
         self.batching_request = None  # the batching dict as registered (zeros = server defaults), what is stored
         self.batcher = None  # its DynamicBatcher, made by the service on first use
-        self._plans = collections.OrderedDict()   # input shape without batch -> plans (any batch)
+        self._plans = collections.OrderedDict()   # (input shape without batch, threads) -> plans (any batch)
         self._routes = collections.OrderedDict()  # (full input shape, threads) -> Route
         self._plan_cache_size = plan_cache_size
         self._lock = threading.Lock()
@@ -199,14 +199,14 @@ class Model:
 
     def plans(self, x_shape, num_threads=None):
         """The convcore plans of every layer for inputs shaped like `x_shape` (any batch), built once and cached."""
-        key = tuple(x_shape[1:])
+        key = (tuple(x_shape[1:]), num_threads)
         with self._lock:
             plans = self._plans.get(key)
             if plans is not None:
                 self._plans.move_to_end(key)
                 return plans
         plans = []
-        shape = (1, *key)
+        shape = (1, *key[0])
         for i, layer in enumerate(self.layers):
             try:
                 plan = convcore.make_plan(shape, layer.kernel, layer.bias, num_threads=num_threads,

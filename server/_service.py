@@ -20,7 +20,7 @@ from ._limits import check_count
 from ._model import _CHANNELS_LAST
 from ._statistics import Statistics
 
-__all__ = ["InferenceService", "install_probes"]
+__all__ = ["InferenceService"]
 
 MIB = 1 << 20
 #: Room left in a response for everything that is not the tensor bytes (shape, names, framing).
@@ -151,9 +151,9 @@ class InferenceService:
                 input_seconds + timing.get("input_seconds", 0.0), timing.get("infer_seconds", 0.0),
                 timing.get("output_seconds", 0.0))
 
-    def _timed_job(self, token, model, route, x, output, timing):
+    def _timed_job(self, token, threads, model, route, x, output, timing):
         timing["started"] = begun = time.perf_counter()
-        out = self._infer_job(token, model, route, x, output)
+        out = self._infer_job(token, threads, model, route, x, output)
         timing["infer_seconds"] = time.perf_counter() - begun
         return out
 
@@ -189,7 +189,9 @@ class InferenceService:
         if self.metrics is not None:
             self.metrics.observe_batch(name, rows)
 
-    def _infer_job(self, token, model, route, x, output):
+    def _infer_job(self, token, threads, model, route, x, output):
+        if threads < route.threads:  # fewer CPUs were free: the same layers planned for fewer threads
+            route = model.route(x.shape, threads, self.max_output_bytes)
         out = output(route.output_shape, model.dtype)
         if len(route.plans) == 1:
             return model.run(token, route, x, out, None)
@@ -212,30 +214,12 @@ class InferenceService:
         threads = convcore.resolve_num_threads(self.executor.omp_threads, flops=flops)
         return self.executor.run(context, self._conv_job, x, kernel, bias, options, shape, output, threads=threads)
 
-    def _conv_job(self, token, x, kernel, bias, options, shape, output):
+    def _conv_job(self, token, threads, x, kernel, bias, options, shape, output):
         out = output(shape, x.dtype)
-        return convcore.conv(x, kernel, bias, num_threads=self.executor.omp_threads, out=out, **options)
+        return convcore.conv(x, kernel, bias, num_threads=threads, out=out, **options)
 
 
 def _deadline(context):
     """The RPC's deadline as a time.monotonic() time, or None."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def install_probes(recorder):
-    """Wrap this layout's request steps with `recorder`'s timers (scripts/request_breakdown.py, issue 10)."""
-    from . import _kserve, _servicer
-    from client import wire
-    recorder.patch(wire, "decode_infer_request", "grpc deserialize: wire decode")
-    recorder.patch(wire, "decode_model_infer_request", "grpc deserialize: wire decode")
-    recorder.patch(_servicer, "required_tensor", "decode input")
-    recorder.patch(_kserve, "_input", "decode input")
-    recorder.patch(InferenceService, "model", "lookup")
-    recorder.patch(InferenceService, "route", "checks + route cache")
-    recorder.patch(InferenceService, "infer", "service.infer (checks, slot, compute)")
-    import server._compute as compute
-    recorder.patch(compute.ComputeExecutor, "run", "executor.run (slot, compute)")
-    recorder.patch(InferenceService, "_infer_job", "job (response buffer + compute)")
-    recorder.patch(wire, "tensor_response", "encode: response buffer")
-    recorder.patch(wire, "model_infer_response", "encode: response buffer")

@@ -14,10 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
+from _calibrate import SLOW_INPUT, slow_model, time_call
 from _server import ROOT, ServerProcess
 from client import ConvClient, ConvError
 from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
-from test_limits import BIG, SLOW_INPUT, _tensor, in_flight, slow_model_layers
+from test_limits import BIG, _tensor, in_flight
 
 KILL_ROUNDS = int(os.environ.get("CONVSERVICE_KILL_ROUNDS", "20"))
 SMALL_X = np.ones((1, 1, 4, 4), np.float32)
@@ -61,9 +62,15 @@ def test_kill_9_during_register_model_loses_nothing_acknowledged(tmp_path):
                     acknowledged[name] = True
 
         threads = [threading.Thread(target=register_loop, args=(proc.target,)) for _ in range(2)]
+        acknowledged_before = len(acknowledged)
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.05, 0.6))
+        # Kill at a random moment once this round has registered something: however fast or slow a registration
+        # is here, every round then writes while it dies (a fixed sleep could end every round before the first).
+        deadline = time.monotonic() + 60
+        while len(acknowledged) == acknowledged_before and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.5))
         proc.kill()
         stop.set()
         for t in threads:
@@ -143,18 +150,23 @@ def test_full_repository_gives_a_clear_error_and_the_server_keeps_serving(tiny_t
 @pytest.fixture(scope="module")
 def one_slot(tmp_path_factory):
     """One compute slot, so that work not freed would visibly block the next call."""
-    proc = ServerProcess(tmp_path_factory.mktemp("slot") / "models", "--compute-slots", "1", "--omp-threads", "1",
-                         "--max-layers", "64").start()
+    slow = slow_model()  # sized by measuring this machine (tests/_calibrate.py)
+    proc = ServerProcess(tmp_path_factory.mktemp("slot") / "models", "--compute-slots", "1",
+                         *slow.server_args()).start()
     with ConvClient(proc.target, timeout=60) as c:
-        c.register_model("slow", slow_model_layers())
-    # How long the slow model takes here, uncancelled (the machine may be busy).
+        c.register_model("slow", slow.layers())
+    # How long the slow model really takes on the server, uncancelled (the machine may be busy).
     with grpc.insecure_channel(proc.target, options=BIG) as ch:
-        start = time.monotonic()
-        conv_pb2_grpc.ConvServiceStub(ch).Infer(conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT)),
-                                                timeout=120)
-        proc.slow_seconds = time.monotonic() - start
+        _, proc.slow_seconds = time_call(conv_pb2_grpc.ConvServiceStub(ch).Infer, conv_pb2.InferRequest(
+            name="slow", input=_tensor(SLOW_INPUT)), timeout=120 + 20 * slow.seconds)
+    proc.slow = slow
     yield proc
     assert proc.stop() == 0, proc.log()
+
+
+def _generous(proc):
+    """A bound for a slow call that must complete: 20x what it took uncancelled, plus two minutes."""
+    return 120 + 20 * proc.slow_seconds
 
 
 def _quick_call_seconds(target):
@@ -174,7 +186,7 @@ def _wait_idle(proc, seconds=30):
 def test_cancelled_call_frees_its_work(one_slot):
     with grpc.insecure_channel(one_slot.target, options=BIG) as ch:
         future = conv_pb2_grpc.ConvServiceStub(ch).Infer.future(
-            conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT)), timeout=120)
+            conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT)), timeout=_generous(one_slot))
         time.sleep(min(0.3, one_slot.slow_seconds / 4))
         future.cancel()
     took = _quick_call_seconds(one_slot.target)
@@ -186,11 +198,12 @@ def test_cancelled_call_frees_its_work(one_slot):
 def test_client_that_disappears_frees_its_work(one_slot):
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
             "import grpc\n"
-            "from test_limits import SLOW_INPUT, _tensor\n"
+            "from _calibrate import SLOW_INPUT\n"
+            "from test_limits import _tensor\n"
             "from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc\n"
             f"ch = grpc.insecure_channel({one_slot.target!r}, options={BIG!r})\n"
             "f = conv_pb2_grpc.ConvServiceStub(ch).Infer.future(conv_pb2.InferRequest(name='slow', "
-            "input=_tensor(SLOW_INPUT)), timeout=120)\n"
+            "input=_tensor(SLOW_INPUT)), timeout=600)\n"
             "print('sent', flush=True)\n"
             "f.result()\n")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -219,7 +232,7 @@ def test_slow_clients_do_not_block_others(one_slot):
         # compute: it holds the only compute slot, yet health and metadata calls (no compute) still answer.
         with grpc.insecure_channel(one_slot.target, options=BIG) as ch:
             slow = conv_pb2_grpc.ConvServiceStub(ch).Infer.future(
-                conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT)), timeout=120)
+                conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT)), timeout=_generous(one_slot))
             with ConvClient(one_slot.target, timeout=10) as c:
                 start = time.monotonic()
                 for _ in range(5):

@@ -10,14 +10,18 @@ import grpc
 import numpy as np
 import pytest
 
+from _calibrate import SLOW_INPUT, slow_model
 from _server import ServerProcess
 from client import ConvClient, ConvError
 from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
 
-SLOW_LAYERS = 24
-LIMIT_ARGS = ["--max-in-flight", "3", "--default-deadline", "0.2", "--max-output-mb", "6", "--max-layers",
-              str(SLOW_LAYERS), "--max-models", "3", "--max-request-mb", "8", "--compute-slots", "1",
-              "--omp-threads", "1", "--workers", "8"]
+
+def limit_args(slow):
+    """The limited server's flags. --max-layers is the slow model's (calibrated) depth; the default deadline a
+    fraction of its time, so that it always expires mid-model."""
+    return ["--max-in-flight", "3", "--default-deadline", f"{min(0.2, slow.seconds / 5):.3f}", "--max-output-mb",
+            "6", "--max-layers", str(slow.depth), "--max-models", "3", "--max-request-mb", "8", "--compute-slots",
+            "1", "--omp-threads", "1", "--workers", "8"]
 
 
 def _tensor(a):
@@ -25,22 +29,18 @@ def _tensor(a):
     return conv_pb2.Tensor(dtype=conv_pb2.DTYPE_FLOAT32, shape=a.shape, data=a.tobytes())
 
 
-def slow_model_layers():
-    """A model that takes ~0.5 s or more on one thread: 24 3x3 64->64 layers (1.2 GFLOP each on SLOW_INPUT)."""
-    k = (np.random.default_rng(0).standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
-    return [{"kernel": k, "padding": "same"} for _ in range(SLOW_LAYERS)]
-
-
 #: Channel options for raw stubs: the slow model's 4 MiB answer is over gRPC's default 4 MiB receive limit.
 BIG = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-SLOW_INPUT = np.ones((1, 64, 128, 128), np.float32)  # 4 MiB: under --max-request-mb 8 and --max-output-mb 6
+# SLOW_INPUT is 4 MiB: under --max-request-mb 8 and --max-output-mb 6.
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("lim") / "models", *LIMIT_ARGS).start()
+    slow = slow_model()
+    proc = ServerProcess(tmp_path_factory.mktemp("lim") / "models", *limit_args(slow)).start()
+    proc.slow = slow
     with ConvClient(proc.target, timeout=60) as c:
-        c.register_model("slow", slow_model_layers())
+        c.register_model("slow", slow.layers())
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -86,7 +86,7 @@ def test_max_request_bytes(limited):
 def test_max_layers_and_models(limited):
     k = np.ones((1, 1, 1, 1), np.float32)
     with ConvClient(limited.target, timeout=30) as c:
-        code, details = _code(lambda: c.register_model("deep", [{"kernel": k}] * (SLOW_LAYERS + 1)))
+        code, details = _code(lambda: c.register_model("deep", [{"kernel": k}] * (limited.slow.depth + 1)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-layers" in details
         c.register_model("m1", [{"kernel": k}])
         c.register_model("m2", [{"kernel": k}])  # with "slow": 3 models, the limit
@@ -107,7 +107,12 @@ def test_default_deadline_applies_when_the_client_sets_none(limited):
         took = time.monotonic() - start
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
     assert "--default-deadline" in err.value.details()
-    assert took < 30, took  # stopped between layers, not run to the end and beyond
+    # Stopped between layers, not run to the end: a generous bound, since a busy machine is slower than calibrated.
+    assert took < 30 + 5 * limited.slow.seconds, (took, limited.slow)
+
+
+#: A quarter of the slow model's work (a quarter of its input): enough to outlast a refusal by far.
+QUARTER_INPUT = np.ones((1, SLOW_INPUT.shape[1], SLOW_INPUT.shape[2] // 2, SLOW_INPUT.shape[3] // 2), np.float32)
 
 
 def test_max_in_flight_refuses_at_once(limited):
@@ -115,9 +120,11 @@ def test_max_in_flight_refuses_at_once(limited):
     with grpc.insecure_channel(limited.target, options=BIG) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)  # connected first, so the 8 calls arrive together
         stub = conv_pb2_grpc.ConvServiceStub(ch)
-        request = conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT))
+        request = conv_pb2.InferRequest(name="slow", input=_tensor(QUARTER_INPUT))
+        # The 3 admitted calls run one after the other on the one compute slot: a bound for 20x slower than planned.
+        timeout = 30 + 20 * 3 * limited.slow.seconds / 4
         start = time.monotonic()
-        futures = [stub.Infer.future(request, timeout=20) for _ in range(8)]
+        futures = [stub.Infer.future(request, timeout=timeout) for _ in range(8)]
         ended = {}
         for i, f in enumerate(futures):  # the time each call ended, not when we looked at it
             f.add_done_callback(lambda f, i=i: ended.setdefault(i, time.monotonic() - start))
