@@ -232,7 +232,32 @@ def conv(x, kernel, bias, options, rank=None):
     return Op("raw", "Conv", request, to_array)
 
 
-def register_model(name, layers):
+#: Keys a batching dict of `register_model` may hold (Triton's dynamic_batching names).
+BATCHING_KEYS = ("max_batch_size", "preferred_batch_size", "max_queue_delay_microseconds")
+
+
+def _batching(batching):
+    """Check a batching dict's keys and value types (the server checks the ranges) -> DynamicBatching message."""
+    if batching is None:
+        return None
+    if not isinstance(batching, dict):
+        raise invalid_argument(f"batching must be a dict with keys {list(BATCHING_KEYS)} or None, got "
+                               f"{type(batching).__name__}")
+    unknown = sorted(set(batching) - set(BATCHING_KEYS))
+    if unknown:
+        raise invalid_argument(f"batching has unknown key(s) {unknown}; allowed: {list(BATCHING_KEYS)} (Triton's "
+                               f"dynamic_batching names)")
+    for key, value in batching.items():
+        values = value if key == "preferred_batch_size" else [value]
+        if key == "preferred_batch_size" and not isinstance(value, (list, tuple)):
+            raise invalid_argument(f"batching['preferred_batch_size'] must be a list of ints, got {value!r}")
+        if not all(_is_int(v) for v in values):
+            raise invalid_argument(f"batching[{key!r}] must be {'ints' if len(values) != 1 else 'an int'}, got "
+                                   f"{value!r}")
+    return wire.batching_message(batching)
+
+
+def register_model(name, layers, batching=None):
     if isinstance(layers, dict) or not isinstance(layers, (list, tuple)) or not layers:
         raise invalid_argument("layers must be a non-empty list of dicts, e.g. [{'kernel': k, 'bias': b, "
                                "'padding': 'same'}]")
@@ -255,7 +280,7 @@ def register_model(name, layers):
         if layer.get("bias") is not None:
             msg.bias.CopyFrom(tensor(f"layers[{i}]['bias']", layer["bias"]))
         msgs.append(msg)
-    request = conv_pb2.RegisterModelRequest(name=_model_name(name), layers=msgs)
+    request = conv_pb2.RegisterModelRequest(name=_model_name(name), layers=msgs, batching=_batching(batching))
     return Op("conv", "RegisterModel", request, lambda r: model_dict(r.model))
 
 

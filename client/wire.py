@@ -163,13 +163,35 @@ def tensor_message(array):
                            data=array.tobytes())
 
 
-def encode_registration(name, layers):
-    """A model (name, list of (kernel, bias or None, convcore keywords)) as the bytes of its RegisterModelRequest,
-    deterministically: what the repository stores, and how two registrations are compared."""
+def batching_message(batching):
+    """A batching dict (Triton's dynamic_batching names) as a `DynamicBatching` message; None for None.
+
+    Unknown keys and values the message cannot hold are left to the server, which names them; only a value that is
+    not a number at all is refused here (TypeError/ValueError from protobuf)."""
+    if batching is None:
+        return None
+    msg = conv_pb2.DynamicBatching()
+    for key, value in batching.items():
+        if key == "preferred_batch_size":
+            msg.preferred_batch_size.extend(value)
+        elif key in ("max_batch_size", "max_queue_delay_microseconds"):
+            setattr(msg, key, value)
+    return msg
+
+
+def batching_dict(msg):
+    """A `DynamicBatching` message as the dict it came from (zeros and empty lists are "server default")."""
+    return {"max_batch_size": msg.max_batch_size, "preferred_batch_size": list(msg.preferred_batch_size),
+            "max_queue_delay_microseconds": msg.max_queue_delay_microseconds}
+
+
+def encode_registration(name, layers, batching=None):
+    """A model (name, list of (kernel, bias or None, convcore keywords), batching dict or None) as the bytes of its
+    RegisterModelRequest, deterministically: what the repository stores, and how two registrations are compared."""
     request = conv_pb2.RegisterModelRequest(name=name, layers=[
         conv_pb2.Layer(spec=spec_message(**options), kernel=tensor_message(kernel),
                        bias=tensor_message(bias) if bias is not None else None)
-        for kernel, bias, options in layers])
+        for kernel, bias, options in layers], batching=batching_message(batching))
     return request.SerializeToString(deterministic=True)
 
 

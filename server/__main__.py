@@ -23,6 +23,10 @@ def _finite_seconds(text):
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -64,6 +68,14 @@ def _parse(argv):
     p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
                    metavar="N",
                    help="max_batch_size of every model in the KServe v2 / Triton API")
+    p.add_argument("--max-queue-delay-microseconds", type=_nonnegative_int,
+                   default=defaults["batch_max_queue_delay_microseconds"].default, metavar="US",
+                   help="dynamic batching: default max_queue_delay_microseconds of models registered with batching "
+                        "(their max_batch_size defaults to --max-batch-size)")
+    p.add_argument("--preferred-batch-size", type=_positive_int, nargs="+", default=[], metavar="N",
+                   help="dynamic batching: default preferred_batch_size of models registered with batching")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="turn off Triton's system shared-memory extension (its RPCs answer UNIMPLEMENTED)")
     p.add_argument("--metrics-port", type=_port, default=8002, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: pick a free one)")
     p.add_argument("--max-connection-age", type=_finite_seconds, default=None, metavar="SECONDS",
@@ -83,7 +95,14 @@ def _parse(argv):
                           max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
                           compute_slots=args.compute_slots, grace_seconds=args.grace,
                           kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port,
-                          max_connection_age=args.max_connection_age, **hardening)
+                          max_connection_age=args.max_connection_age,
+                          batch_max_queue_delay_microseconds=args.max_queue_delay_microseconds,
+                          batch_preferred_batch_size=tuple(args.preferred_batch_size),
+                          shared_memory=not args.no_shared_memory, **hardening)
+    try:
+        config.batching_defaults()
+    except ValueError as exc:
+        p.error(str(exc))
     return (f"{host}:{args.port}", config, args.port_file, args.log_level), args
 
 

@@ -11,7 +11,7 @@ from convproto.convservice.v1 import conv_pb2
 from ._errors import InvalidArgument
 from ._model import Layer
 
-__all__ = ["decode_model_file", "decode_registration", "encode_model", "model_info", "required_tensor",
+__all__ = ["decode_batching", "decode_model_file", "decode_registration", "encode_model", "model_info", "required_tensor",
            "optional_tensor"]
 
 
@@ -24,6 +24,11 @@ def required_tensor(field, view):
 
 def optional_tensor(field, view):
     return None if view is None else wire.decode_tensor(field, view)
+
+
+def decode_batching(request):
+    """The `batching` of a RegisterModelRequest as a dict with Triton's names, or None when unset (batching off)."""
+    return wire.batching_dict(request.batching) if request.HasField("batching") else None
 
 
 def decode_registration(request):
@@ -40,14 +45,16 @@ def decode_registration(request):
 
 
 def decode_model_file(payload):
-    """The payload of a repository file (a serialized RegisterModelRequest) as (name, list of `Layer`)."""
-    return decode_registration(conv_pb2.RegisterModelRequest.FromString(payload))
+    """The payload of a repository file (a serialized RegisterModelRequest) as (name, list of `Layer`, batching)."""
+    request = conv_pb2.RegisterModelRequest.FromString(payload)
+    return (*decode_registration(request), decode_batching(request))
 
 
 def encode_model(model):
     """A model as the deterministic bytes of its RegisterModelRequest: the repository's file payload, and what two
     registrations are compared by (equal bytes = the same model)."""
-    return wire.encode_registration(model.name, [(layer.kernel, layer.bias, layer.options) for layer in model.layers])
+    return wire.encode_registration(model.name, [(layer.kernel, layer.bias, layer.options) for layer in model.layers],
+                                    model.batching_request)
 
 
 def model_info(model):

@@ -69,6 +69,11 @@ class ServerConfig:
         Seconds after which the server ends each client connection (gRPC's ``grpc.max_connection_age_ms``, which
         adds +-10% jitter; a GOAWAY), so long-lived clients reconnect, re-resolve DNS and reach new replicas. Calls in
         flight on it may finish within ``default_deadline`` (the grace); None: connections live forever.
+    batch_max_queue_delay_microseconds, batch_preferred_batch_size : int, tuple of int
+        Defaults of a model registered with dynamic batching (its max_batch_size defaults to
+        ``kserve_max_batch_size``, which also caps it); models without batching compute each request alone.
+    shared_memory : bool
+        Serve Triton's system shared-memory extension.
     """
 
     model_repository: str = field(default_factory=_default_repository)
@@ -92,6 +97,15 @@ class ServerConfig:
     auth_token: str | None = None
     read_only_models: bool = False
     max_connection_age: float | None = None
+    batch_max_queue_delay_microseconds: int = 500
+    batch_preferred_batch_size: tuple = ()
+    shared_memory: bool = True
+
+    def batching_defaults(self):
+        """The BatchingConfig a model registered with an empty ``batching`` gets (ValueError if the flags are bad)."""
+        from ._batcher import BatchingConfig
+        return BatchingConfig(self.kserve_max_batch_size, tuple(self.batch_preferred_batch_size),
+                              self.batch_max_queue_delay_microseconds)
 
     def __post_init__(self):
         for name in ("max_output_mb", "max_layers", "max_models", "max_in_flight"):

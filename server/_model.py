@@ -84,6 +84,9 @@ class Model:
         self.out_channels = out_channels
         self.nsp = nsp
         self.channels_last = channels_last
+        self.batching = None  # a BatchingConfig when registered with dynamic batching (set by the repository)
+        self.batching_request = None  # the batching dict as registered (zeros = server defaults), what is stored
+        self.batcher = None  # its DynamicBatcher, made by the service on first use
         self._plans = collections.OrderedDict()   # (input shape without batch, threads) -> plans (any batch)
         self._routes = collections.OrderedDict()  # (full input shape, threads) -> Route
         self._plan_cache_size = plan_cache_size

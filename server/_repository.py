@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 
+from ._batcher import resolve_batching
 from ._codec import decode_model_file, encode_model
 from ._errors import LimitExceeded, ModelExists, ModelNotFound, RepositoryError
 from ._limits import check_count
@@ -92,8 +93,9 @@ class ModelRepository:
         Plans kept per model (see `Model.plans`).
     """
 
-    def __init__(self, root, *, plan_cache_size=8, max_models=None, max_layers=None):
+    def __init__(self, root, *, plan_cache_size=8, max_models=None, max_layers=None, batching_defaults=None):
         self.root = os.path.abspath(root)
+        self._batching_defaults = batching_defaults  # BatchingConfig: defaults and cap of dynamic batching
         self._plan_cache_size = plan_cache_size
         self._max_models = max_models  # --max-models / --max-layers (None: unlimited)
         self._max_layers = max_layers
@@ -110,11 +112,19 @@ class ModelRepository:
         """Read, check and build the model in `path`; raise on anything wrong with it."""
         sig = _signature(path)
         with open(path, "rb") as f:
-            name, layers = _decode(f.read())
-        model = Model.build(name, layers, plan_cache_size=self._plan_cache_size)
+            name, layers, batching = _decode(f.read())
+        model = self._build(name, layers, batching)
         if model.name + MODEL_SUFFIX != entry:
             raise CorruptModelFile(f"holds model {model.name!r}, which belongs in another file")
         return model, sig
+
+    def _build(self, name, layers, batching):
+        """Model.build, plus its dynamic-batching settings resolved against the server's defaults."""
+        model = Model.build(name, layers, plan_cache_size=self._plan_cache_size)
+        if batching is not None:
+            model.batching = resolve_batching(batching, self._batching_defaults)
+            model.batching_request = batching
+        return model
 
     def _install(self, name, model, sig):
         with self._lock:
@@ -220,7 +230,7 @@ class ModelRepository:
         return [m for m in (self._models.get(n) for n in sorted(self._models)) if m is not None]
 
     # ------------------------------------------------------------------ changes
-    def register(self, name, layers):
+    def register(self, name, layers, batching=None):
         """Check the model (`name`, a list of `Layer`), write it to disk atomically, then serve it.
 
         A name that is already registered is refused (ModelExists -> ALREADY_EXISTS) unless the request is identical
@@ -230,7 +240,7 @@ class ModelRepository:
         either. Write failures raise RepositoryError (or LimitExceeded when the disk is full) and change nothing.
         """
         check_count("layers in the model", len(layers), self._max_layers, "--max-layers")
-        model = Model.build(name, layers, plan_cache_size=self._plan_cache_size)
+        model = self._build(name, layers, batching)
         path = self._path(model.name)
         blob = _encode(model)
         self._sync(model.name)  # another replica may have registered it

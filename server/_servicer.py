@@ -12,7 +12,7 @@ from google.protobuf import message_factory
 from client import wire
 from convproto.convservice.v1 import conv_pb2
 
-from ._codec import decode_registration, model_info, optional_tensor, required_tensor
+from ._codec import decode_batching, decode_registration, model_info, optional_tensor, required_tensor
 
 __all__ = ["ConvServicer", "OutputSink", "add_service"]
 
@@ -87,7 +87,7 @@ class ConvServicer:
 
     def RegisterModel(self, request, context):
         self._service.check_layer_count(len(request.layers))
-        model = self._service.register(*decode_registration(request))
+        model = self._service.register(*decode_registration(request), decode_batching(request))
         return conv_pb2.RegisterModelResponse(model=model_info(model))
 
     def ListModels(self, request, context):
