@@ -23,6 +23,9 @@ def _finite_seconds(text):
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
 def _nonnegative_int(text):
     value = int(text)
     if value < 0:
