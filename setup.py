@@ -3,7 +3,10 @@
 Environment switches:
   CONVCORE_NO_OPENMP=1    build without OpenMP (everything still works, sequentially)
   CONVCORE_DEBUG=1        Cython bounds/wraparound checks on, -O0 -g (for a debug run)
-  CONVCORE_NO_NATIVE=1    do not compile with -march=native (portable wheels / container images)
+  CONVCORE_NO_NATIVE=1    do not compile with -march=native (portable wheels / container images). The GEMM
+                          micro-kernels (convcore/_gemm.h) do not depend on it: each CPU level is compiled with its
+                          own per-function target attribute and picked at run time, so such a build runs the same
+                          kernels as a native one.
 """
 import glob
 import os
@@ -192,9 +195,12 @@ setup(
         "prometheus-client>=0.21",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pyyaml>=6", "torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "hypothesis>=6", "pyyaml>=6", "kubernetes-validate>=1.34", "torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
         "bench": ["torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17"],
         "plot": ["matplotlib>=3.7"],
+        # ConvClient.register_onnx / register_torch import these only when called (issue 12).
+        "onnx": ["onnx>=1.15"],
+        "torch": ["torch>=2.0"],
     },
     zip_safe=False,
 )

@@ -38,6 +38,7 @@ __all__ = [
     "load_average",
     "machine_info",
     "machine_lines",
+    "markdown_tables",
     "pin_malloc",
     "rss_kb",
     "set_numpy_blas_threads",
@@ -568,6 +569,18 @@ def write_section(path, section, start, end):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(new)
     os.replace(tmp, path)
+
+
+def markdown_tables(text):
+    """Every Markdown table in `text` as (header cells, data rows of cells): how tests read a written section back."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append((current[0], current[2:]))  # current[1] is the |---| separator
+            current = []
+    return tables
 
 
 def main(argv=None):

@@ -154,6 +154,8 @@ SUITE = (
 CONTENDERS = (
     ("cc NCHW", "convcore"),
     ("cc NHWC", "convcore"),
+    ("cc blas NCHW", "convcore"),
+    ("cc blas NHWC", "convcore"),
     ("cc conv()", "convcore"),
     ("torch NCHW", "torch"),
     ("torch CL", "torch"),
@@ -240,9 +242,14 @@ def convcore_contenders(d, threads, per_call=True):
     opts = dict(strides=ly.stride, padding="same", dilation=ly.dilation, groups=ly.groups, num_threads=threads)
     plan_cf = convcore.make_plan(d.x_cf.shape, d.w_oi, data_format="channels_first", **opts)
     plan_cl = convcore.make_plan(d.x_cl.shape, d.w_io, data_format="channels_last", **opts)
+    # The im2col + BLAS implementation the packed kernels replaced (algorithm="blas"), on the same buffers.
+    blas_cf = convcore.make_plan(d.x_cf.shape, d.w_oi, data_format="channels_first", algorithm="blas", **opts)
+    blas_cl = convcore.make_plan(d.x_cl.shape, d.w_io, data_format="channels_last", algorithm="blas", **opts)
     res = [
         Contender("cc NCHW", lambda: plan_cf.run(d.x_cf, out=d.out_cf), lambda r: r),
         Contender("cc NHWC", lambda: plan_cl.run(d.x_cl, out=d.out_cl), lambda r: np.moveaxis(r, -1, 1)),
+        Contender("cc blas NCHW", lambda: blas_cf.run(d.x_cf, out=d.out_cf), lambda r: r),
+        Contender("cc blas NHWC", lambda: blas_cl.run(d.x_cl, out=d.out_cl), lambda r: np.moveaxis(r, -1, 1)),
     ]
     if per_call:
         res.append(Contender("cc conv()", lambda: convcore.conv(d.x_cf, d.w_oi, **opts), lambda r: r))
@@ -616,10 +623,21 @@ def _row_spread(r):
     return max(r["spread"][k] for k in ("cc NCHW", "cc NHWC", "torch NCHW", "torch CL") if k in r["spread"])
 
 
-def format_table(results, mem):
-    """The Markdown results table: GFLOP/s per contender, ratios, spread, memory, check."""
+def peak_gflops(peak):
+    """The measured GEMM peak (best of numpy's and torch's square sgemm), GFLOP/s, or None."""
+    vals = [v["best"] for k, v in (peak or {}).items() if k in ("numpy", "torch") and isinstance(v, dict)]
+    return max(vals) if vals else None
+
+
+def _pct(g, top):
+    return NA if g is None or not top else f"{100 * g / top:.0f}"
+
+
+def format_table(results, mem, peak=None):
+    """The Markdown results table: GFLOP/s per contender, ratios, % of the GEMM peak, spread, memory, check."""
+    top = peak_gflops(peak)
     head = ["row", "layer", "algo", "MFLOP"] + [c for c, _ in CONTENDERS] + \
-        ["NCHW ratio", "NHWC ratio", "spread %", "mem× NCHW/NHWC", "check"]
+        ["NCHW ratio", "NHWC ratio", "% peak NCHW/NHWC", "spread %", "mem× NCHW/NHWC", "check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 4) + ["---"]) + "|"]
     for r in results:
         g = r["gflops"]
@@ -629,7 +647,8 @@ def format_table(results, mem):
         cells = [r["id"], r["layer"].label, r["algo"], f"{r['flops'] / 1e6:.0f}"]
         cells += [_fmt(g.get(c), 1) for c, _ in CONTENDERS]
         spread = f"{100 * _row_spread(r):.0f}" + (" (2nd run)" if r.get("rerun") else "")
-        cells += [_fmt(r["ratio"]["NCHW"], 2), _fmt(r["ratio"]["NHWC"], 2), spread, mem_cell, check]
+        pct = f"{_pct(g.get('cc NCHW'), top)}/{_pct(g.get('cc NHWC'), top)}"
+        cells += [_fmt(r["ratio"]["NCHW"], 2), _fmt(r["ratio"]["NHWC"], 2), pct, spread, mem_cell, check]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -671,6 +690,7 @@ def evaluate_targets(results, mem, largest):
         targets.append({"name": name, "status": "missed" if behind else "met", "text": text, "rows": behind})
 
     if ratios:
+        _issue9_targets(ratios, targets)
         ahead("ahead of torch on Conv3D (both layouts)", lambda ly, lay: ly.nsp == 3)
         ahead("ahead of torch on NWC Conv1D", lambda ly, lay: ly.nsp == 1 and lay == "NHWC")
         ahead("ahead of torch on NCHW depthwise", lambda ly, lay: ly.is_depthwise and lay == "NCHW")
@@ -692,6 +712,72 @@ def evaluate_targets(results, mem, largest):
         targets.append({"name": "peak memory of the largest row ≤ 1.5× input+output+weights", "status": "n/a",
                         "text": "not measured" + (f" ({m})" if m else ""), "rows": []})
     return lines, targets
+
+
+def _is_dense(layer):
+    """The dense 3x3 / 7x7 rows issue 9 holds to the GEMM peak (resnet_conv1, 3x3_c64..c512, vgg)."""
+    return layer.groups == 1 and not layer.is_1x1 and layer.nsp == 2
+
+
+def _issue9_targets(ratios, targets):
+    """Issue 9's targets: geomean >= 1.0x torch, dense rows >= 0.9x torch (and >= 75% of peak), none below 0.7x."""
+    gm = _geomean([v for _, _, v in ratios])
+    targets.append({"name": "issue 9: geomean ≥ 1.0× torch", "status": "met" if gm >= 1.0 else "missed",
+                    "text": f"{gm:.2f}×" + ("" if gm >= 1.0 else f", short by {100 * (1 - gm):.0f}%"),
+                    "rows": [(r, lay) for r, lay, v in ratios if v < 1.0]})
+    dense = [(r, lay, v) for r, lay, v in ratios if _is_dense(r["layer"])]
+    behind = [(r, lay, v) for r, lay, v in dense if v < 0.9]
+    targets.append({"name": "issue 9: dense 3x3/7x7 rows ≥ 0.9× torch", "status": "missed" if behind else "met",
+                    "text": ", ".join(f"{r['id']} {lay} {v:.2f}×" for r, lay, v in behind) or "all at or above",
+                    "rows": [(r, lay) for r, lay, _ in behind]})
+    low = [(r, lay, v) for r, lay, v in ratios if v < 0.7]
+    targets.append({"name": "issue 9: no row below 0.7× torch", "status": "missed" if low else "met",
+                    "text": ", ".join(f"{r['id']} {lay} {v:.2f}×" for r, lay, v in low) or "none below",
+                    "rows": [(r, lay) for r, lay, _ in low]})
+
+
+def bench_row_isa(layer, n, args, isa):
+    """The default plans (cc NCHW/NHWC) and torch on one row with ``CONVCORE_ISA=isa`` forced; GFLOP/s medians."""
+    old = os.environ.get("CONVCORE_ISA")
+    os.environ["CONVCORE_ISA"] = isa
+    try:
+        d = RowData(layer, n)
+        cc, _ = convcore_contenders(d, args.threads, per_call=False)
+        contenders = [c for c in cc if c.name in ("cc NCHW", "cc NHWC")] + torch_contenders(d)
+        samples = time_contenders(contenders, args.repeats, args.pause, warmup_s=0.05 if args.quick else 0.2)
+    finally:
+        if old is None:
+            os.environ.pop("CONVCORE_ISA", None)
+        else:
+            os.environ["CONVCORE_ISA"] = old
+    g = {name: layer.flops(n) / summarize(ts)[0] / 1e9 for name, ts in samples.items()}
+    del d, contenders, cc
+    gc.collect()
+    return {"id": row_id(layer, n), "gflops": g,
+            "ratio": {"NCHW": g["cc NCHW"] / g["torch NCHW"] if "torch NCHW" in g else None,
+                      "NHWC": g["cc NHWC"] / g["torch CL"] if "torch CL" in g else None}}
+
+
+def isa_rerun_lines(rerun, peak):
+    """The report section of the extra run at a forced lower kernel level (empty when there was none)."""
+    if not rerun:
+        return []
+    isa, rows = rerun
+    top = peak_gflops(peak)
+    lines = [f"### The same rows with `CONVCORE_ISA={isa}` (the AVX2 kernels on this AVX-512 machine)", "",
+             "| row | cc NCHW | cc NHWC | torch NCHW | torch CL | NCHW ratio | NHWC ratio | % peak NCHW/NHWC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        g = r["gflops"]
+        lines.append(f"| {r['id']} | " + " | ".join(_fmt(g.get(c), 1) for c in ("cc NCHW", "cc NHWC", "torch NCHW",
+                                                                                "torch CL"))
+                     + f" | {_fmt(r['ratio']['NCHW'], 2)} | {_fmt(r['ratio']['NHWC'], 2)} | "
+                     f"{_pct(g.get('cc NCHW'), top)}/{_pct(g.get('cc NHWC'), top)} |")
+    ratios = [v for r in rows for v in r["ratio"].values() if v is not None]
+    if ratios:
+        lines += ["", f"Geometric mean of convcore/torch at {isa}: **{_geomean(ratios):.2f}×**, lowest "
+                      f"{min(ratios):.2f}×."]
+    return lines + [""]
 
 
 def explain(results, targets):
@@ -754,9 +840,13 @@ def render_section(args, info, peak, malloc_note, results, mem, largest, summary
            "and look at `spread %` (largest interquartile range / median of the convcore and torch samples); a row "
            "whose spread exceeded the `--rerun-spread` limit was measured a second time and the steadier run kept "
            "(marked \"2nd run\").",
-           "", "### Results (GFLOP/s, medians)", "", format_table(results, mem), "",
+           "", "### Results (GFLOP/s, medians)", "", format_table(results, mem, peak), "",
            "Ratios are convcore / torch in the same layout (cc NCHW / torch NCHW, cc NHWC / torch CL). "
-           "`cc conv()` is the per-call API (plan + output allocation every call). ORT runs NCHW only.", "",
+           "`cc NCHW`/`cc NHWC` are the default plans (`algorithm=\"auto\"`: the packed micro-kernels, direct "
+           "depthwise); `cc blas` the im2col + BLAS implementation (`algorithm=\"blas\"`). `% peak` is cc / the "
+           "measured GEMM peak above. `cc conv()` is the per-call API (plan + output allocation every call). ORT "
+           "runs NCHW only.", "",
+           *isa_rerun_lines(getattr(args, "isa_rerun", None), peak),
            "### Summary and targets (issue 2)", ""]
     out += [f"- {s}" for s in summary]
     for t in targets:
@@ -799,6 +889,8 @@ def parse_args(argv):
     p.add_argument("--rerun-spread", type=float, default=None,
                    help="re-run a row once (keeping the steadier run) when its spread exceeds this fraction "
                         "(default 0.5; quick: 0 = never)")
+    p.add_argument("--no-isa-rerun", action="store_true",
+                   help="skip the extra run with CONVCORE_ISA=avx2 on an AVX-512 machine (--quick skips it too)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -868,6 +960,18 @@ def run_benchmark(args):
                   + f"  ratio NCHW={_fmt(r['ratio']['NCHW'], 2)} NHWC={_fmt(r['ratio']['NHWC'], 2)}"
                   + (f"  WRONG: {r['bad']}" if r["bad"] else "") + f"  ({time.perf_counter() - t0:.1f} s)",
                   flush=True)
+        args.isa_rerun = None
+        if not (args.no_isa_rerun or args.quick) and info.get("kernel_isa") == "avx512":
+            # The AVX2 kernels on the same machine, same run: what an AVX2-only CPU of this speed would get.
+            print("# extra run with CONVCORE_ISA=avx2", flush=True)
+            rerun = []
+            for layer, n in rows:
+                r = bench_row_isa(layer, n, args, "avx2")
+                rerun.append(r)
+                print(f"{r['id']:<22} avx2 " + "  ".join(f"{c}={v:.1f}" for c, v in r["gflops"].items())
+                      + f"  ratio NCHW={_fmt(r['ratio']['NCHW'], 2)} NHWC={_fmt(r['ratio']['NHWC'], 2)}",
+                      flush=True)
+            args.isa_rerun = ("avx2", rerun)
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)

@@ -7,5 +7,8 @@
 from ._channel import DEFAULT_MAX_MESSAGE_MB, DEFAULT_RETRY_ATTEMPTS
 from ._client import AsyncConvClient, ConvClient
 from ._errors import ConvError
+from ._import_onnx import onnx_layers
+from ._import_torch import torch_layers
 
-__all__ = ["AsyncConvClient", "ConvClient", "ConvError", "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_RETRY_ATTEMPTS"]
+__all__ = ["AsyncConvClient", "ConvClient", "ConvError", "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_RETRY_ATTEMPTS",
+           "onnx_layers", "torch_layers"]

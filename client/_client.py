@@ -5,8 +5,9 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from convproto.convservice.v1 import conv_pb2_grpc
+from convproto.inference import grpc_service_pb2_grpc
 
-from . import _ops
+from . import _ops, _shm, wire
 from ._channel import DEFAULT_MAX_MESSAGE_MB, DEFAULT_RETRY_ATTEMPTS, ChannelSettings
 from ._errors import from_rpc_error
 
@@ -79,7 +80,7 @@ class _ClientMethods:
             strides=strides, padding=padding, dilation=dilation, groups=groups, data_format=data_format,
             kernel_layout=kernel_layout, activation=activation))
 
-    def register_model(self, name, layers):
+    def register_model(self, name, layers, batching=None):
         """Store a model on the server: a stack of conv layers run in order, each output feeding the next.
 
         Parameters
@@ -90,6 +91,11 @@ class _ClientMethods:
         layers : list of dict
             Each with "kernel" and optionally "bias", "strides", "padding", "dilation", "groups", "data_format",
             "kernel_layout", "activation" (as in `conv`). All layers share one dtype, rank and channel axis.
+        batching : dict, optional
+            Turn on dynamic batching for this model, with Triton's names: ``max_batch_size``,
+            ``preferred_batch_size`` (list), ``max_queue_delay_microseconds``; a key left out takes the server's
+            default (``{}``: all defaults). Concurrent requests with the same non-batch shape are then computed as
+            one batch and each caller gets its own rows. None (default): every request is computed alone.
 
         Returns
         -------
@@ -101,9 +107,9 @@ class _ClientMethods:
         ConvError
             INVALID_ARGUMENT naming the layer and field for a bad layer or channels that do not chain.
         """
-        return self._call(_ops.register_model(name, layers))
+        return self._call(_ops.register_model(name, layers, batching))
 
-    def infer(self, name, x):
+    def infer(self, name, x, shared_memory=None):
         """Run registered model `name` on `x`: every layer on the server, only `x` and the output on the wire.
 
         Parameters
@@ -111,18 +117,49 @@ class _ClientMethods:
         name : str
         x : numpy.ndarray
             The model's dtype, rank and input channels; any batch and spatial size the layers accept; any strides.
+        shared_memory : SharedMemoryRegion, optional
+            A region from `shared_memory` (same host as the server): `x` is written into it and the server writes
+            the output right after it, so neither tensor travels over gRPC (Triton's system shared memory).
 
         Returns
         -------
         numpy.ndarray
-            The last layer's output (read-only view of the received bytes).
+            The last layer's output: a read-only view of the received bytes, or of the region (valid until the
+            region is used again or closed; ``.copy()`` to keep it).
 
         Raises
         ------
         ConvError
-            NOT_FOUND for an unknown model, INVALID_ARGUMENT for an input the model cannot take.
+            NOT_FOUND for an unknown model, INVALID_ARGUMENT for an input the model cannot take (or that leaves no
+            room for the output in the region).
         """
+        if shared_memory is not None:
+            return self._call(_shm.infer_op(name, x, shared_memory))
         return self._call(_ops.infer(name, x))
+
+    def shared_memory(self, nbytes):
+        """A POSIX shared-memory region for `infer` with a server on this host, registered for the ``with`` block.
+
+        ``with client.shared_memory(nbytes) as region: y = client.infer(name, x, shared_memory=region)``
+        (``async with`` on AsyncConvClient). The region must hold the input and the output (plus 64 bytes);
+        it is unregistered on the server and unlinked here when the block ends.
+
+        Parameters
+        ----------
+        nbytes : int
+
+        Returns
+        -------
+        SharedMemoryContext
+            Its ``with`` value is the `client._shm.SharedMemoryRegion`.
+
+        Raises
+        ------
+        ConvError
+            UNIMPLEMENTED from a server started with --no-shared-memory; INVALID_ARGUMENT if the server cannot
+            open the region (it is not on this host).
+        """
+        return _shm.SharedMemoryContext(self, nbytes)
 
     def list_models(self):
         """The registered models.
@@ -183,6 +220,73 @@ class _ClientMethods:
         """
         return self._call(_ops.health())
 
+    def register_onnx(self, name, model):
+        """Register an ONNX model that is a chain of convolutions (see `onnx_layers` for what maps).
+
+        Parameters
+        ----------
+        name : str
+            As in `register_model`.
+        model : str, os.PathLike, bytes or onnx.ModelProto
+            A ``.onnx`` file, its bytes, or a loaded model (read, never changed). Needs the ``[onnx]`` extra.
+
+        Returns
+        -------
+        dict
+            The model as the server sees it (see `get_model`).
+
+        Raises
+        ------
+        ConvError
+            INVALID_ARGUMENT, before anything is sent, naming the node that cannot be mapped (or the extra to
+            install); then as `register_model`.
+        """
+        from ._import_onnx import onnx_layers  # imports onnx only now: an optional extra
+
+        return self.register_model(name, onnx_layers(model))
+
+    def register_torch(self, name, module, example_input=None):
+        """Register an ``nn.Sequential``-style PyTorch module of convolutions (see `torch_layers` for what maps).
+
+        Parameters
+        ----------
+        name : str
+            As in `register_model`.
+        module : torch.nn.Module
+            Read with inference semantics, never changed. Needs the ``[torch]`` extra.
+        example_input : torch.Tensor or numpy.ndarray, optional
+            If given, the module's forward on it is checked against the mapped layers before sending.
+
+        Returns
+        -------
+        dict
+            The model as the server sees it (see `get_model`).
+
+        Raises
+        ------
+        ConvError
+            INVALID_ARGUMENT, before anything is sent, naming the submodule that cannot be mapped (or the extra to
+            install); then as `register_model`.
+        """
+        from ._import_torch import torch_layers  # imports torch only now: an optional extra
+
+        return self.register_model(name, torch_layers(module, example_input))
+
+
+class _RawStub:
+    """Infer and Conv with `wire`'s codecs: the request is encoded with one copy of the input, and the reply's
+    tensor is a view of the received bytes (the generated classes would copy each 2-3 times)."""
+
+    def __init__(self, channel):
+        for method in ("Infer", "Conv"):
+            setattr(self, method, channel.unary_unary(f"/convservice.v1.ConvService/{method}",
+                                                      response_deserializer=wire.decode_tensor_response))
+
+
+def _stubs(channel):
+    return {"conv": conv_pb2_grpc.ConvServiceStub(channel), "health": health_pb2_grpc.HealthStub(channel),
+            "raw": _RawStub(channel), "kserve": grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)}
+
 
 class ConvClient(_ClientMethods):
     """Blocking client of the convolution service.
@@ -223,8 +327,7 @@ class ConvClient(_ClientMethods):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
                                          retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.channel()
-        self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
-                       "health": health_pb2_grpc.HealthStub(self._channel)}
+        self._stubs = _stubs(self._channel)
 
     @property
     def target(self):
@@ -263,8 +366,7 @@ class AsyncConvClient(_ClientMethods):
         self._settings = ChannelSettings(target, timeout, max_message_mb, root_certificates, tls, token, options,
                                          retries, client_certificate=client_certificate, client_key=client_key)
         self._channel = self._settings.aio_channel()
-        self._stubs = {"conv": conv_pb2_grpc.ConvServiceStub(self._channel),
-                       "health": health_pb2_grpc.HealthStub(self._channel)}
+        self._stubs = _stubs(self._channel)
 
     target = ConvClient.target
 
@@ -301,5 +403,9 @@ def _as_coroutine(name):
 # Real coroutine functions (inspect.iscoroutinefunction is True) with the blocking methods' signatures and docs.
 for _name in ("conv", "conv1d", "conv2d", "conv3d", "register_model", "infer", "list_models", "get_model",
               "delete_model", "health"):
+    setattr(AsyncConvClient, _name, _as_coroutine(_name))
+del _name
+# The importers (issue 12) map the model on the client, then call register_model: coroutines in the async client too.
+for _name in ("register_onnx", "register_torch"):
     setattr(AsyncConvClient, _name, _as_coroutine(_name))
 del _name

@@ -11,20 +11,19 @@ from grpc_health.v1 import health_pb2
 
 from convproto.convservice.v1 import conv_pb2
 
+from . import wire
 from ._errors import ConvError, invalid_argument
 
 __all__ = ["Op", "conv", "register_model", "infer", "list_models", "get_model", "delete_model", "health",
            "LAYER_KEYS"]
 
-_WIRE = {np.dtype("float32"): conv_pb2.DTYPE_FLOAT32, np.dtype("float64"): conv_pb2.DTYPE_FLOAT64}
-_NUMPY = {conv_pb2.DTYPE_FLOAT32: np.dtype("<f4"), conv_pb2.DTYPE_FLOAT64: np.dtype("<f8")}
 #: Keys a layer dict of `register_model` may hold.
 LAYER_KEYS = ("kernel", "bias", "strides", "padding", "dilation", "groups", "data_format", "kernel_layout",
               "activation")
 
 
 class Op(NamedTuple):
-    stub: str          # "conv" or "health"
+    stub: str          # "conv" or "health" (generated stubs), or "raw" (bytes in, `wire` decodes the reply)
     method: str        # RPC name on that stub
     request: Any
     parse: Callable    # reply -> result
@@ -52,12 +51,12 @@ def _array(name, a):
 def tensor(name, a):
     """An array as a `Tensor` message (dtype kept; one tobytes() copy)."""
     a = _array(name, a)
-    return conv_pb2.Tensor(dtype=_WIRE[a.dtype.newbyteorder("=")], shape=a.shape, data=a.tobytes())
+    return wire.tensor_message(a)
 
 
-def to_array(msg):
-    """A `Tensor` message as a read-only array viewing the received bytes (np.frombuffer: no copy)."""
-    return np.frombuffer(msg.data, dtype=_NUMPY[msg.dtype]).reshape(tuple(msg.shape))
+def to_array(view):
+    """A reply's output (`wire.TensorView`) as a read-only array viewing the received bytes (no copy)."""
+    return np.frombuffer(view.data, dtype=wire.DTYPES[view.dtype]).reshape(view.shape)
 
 
 # ---------------------------------------------------------------------- layer options
@@ -108,9 +107,9 @@ def _pad_amount(value, padding):
 
 def _padding(value, nsp):
     if isinstance(value, str):  # a oneof string is sent even when "": convcore refuses unknown modes
-        return conv_pb2.Padding(mode=_encodable_str("padding", value))
+        return _encodable_str("padding", value)
     if _is_int(value):
-        return conv_pb2.Padding(uniform=_pad_amount(value, value))
+        return _pad_amount(value, value)
     try:
         items = list(value)
     except TypeError:
@@ -130,10 +129,9 @@ def _padding(value, nsp):
             if len(pair) != 2 or not all(_is_int(v) for v in pair):
                 raise invalid_argument(f"padding entries must be ints or (begin, end) pairs of ints, got {value!r}")
         pairs.append((_pad_amount(pair[0], value), _pad_amount(pair[1], value)))
-    if all(_is_int(item) for item in items):
-        return conv_pb2.Padding(per_dim=conv_pb2.Padding.PerDim(values=[b for b, _ in pairs]))
-    return conv_pb2.Padding(explicit=conv_pb2.Padding.Pairs(
-        pairs=[conv_pb2.Padding.Pair(begin=b, end=e) for b, e in pairs]))
+    if items and all(_is_int(item) for item in items):
+        return [b for b, _ in pairs]  # per_dim
+    return pairs
 
 
 def _groups(groups):
@@ -190,8 +188,8 @@ def spec(nsp=None, strides=1, padding="valid", dilation=1, groups=1, data_format
     dilation = _ints_per_dim("dilation", dilation, nsp)
     padding = _padding(padding, nsp)
     activation = _activation(activation)
-    return conv_pb2.LayerSpec(strides=strides, padding=padding, dilation=dilation, groups=groups,
-                              data_format=data_format, kernel_layout=layout, activation=activation)
+    return wire.spec_message(strides=strides, padding=padding, dilation=dilation, groups=groups,
+                             data_format=data_format, kernel_layout=layout, activation=activation)
 
 
 def _encodable_str(name, value):
@@ -203,30 +201,16 @@ def _encodable_str(name, value):
     return value
 
 
-def _spec_dict(msg):
-    """A `LayerSpec` message back as convcore keyword values."""
-    def ints(values):
-        values = tuple(values)
-        return 1 if not values else values[0] if len(values) == 1 else values
-    kind = msg.padding.WhichOneof("kind")
-    padding = {None: "valid", "mode": msg.padding.mode, "uniform": msg.padding.uniform,
-               "per_dim": tuple(msg.padding.per_dim.values),
-               "explicit": tuple((p.begin, p.end) for p in msg.padding.explicit.pairs)}[kind]
-    return {"strides": ints(msg.strides), "padding": padding, "dilation": ints(msg.dilation),
-            "groups": msg.groups or 1, "data_format": msg.data_format or "channels_first",
-            "kernel_layout": msg.kernel_layout or None, "activation": msg.activation or None}
-
-
 def model_dict(info):
     """A `ModelInfo` message as a plain dict."""
     return {
         "name": info.name,
-        "dtype": _NUMPY[info.dtype].name,
+        "dtype": wire.DTYPES[info.dtype].name,
         "input_channels": info.input_channels,
         "output_channels": info.output_channels,
         "spatial_dims": info.spatial_dims,
         "data_format": "channels_last" if info.channels_last else "channels_first",
-        "layers": [{"kernel_shape": tuple(layer.kernel_shape), "bias": layer.has_bias, **_spec_dict(layer.spec)}
+        "layers": [{"kernel_shape": tuple(layer.kernel_shape), "bias": layer.has_bias, **wire.spec_kwargs(layer.spec, strict=False)}
                    for layer in info.layers],
     }
 
@@ -243,14 +227,37 @@ def conv(x, kernel, bias, options, rank=None):
     if rank is not None and x.ndim != rank:
         raise invalid_argument(f"conv{rank - 2}d expects x of rank {rank} (batch, channels and {rank - 2} spatial "
                                f"dims), got shape {x.shape}")
-    request = conv_pb2.ConvRequest(input=tensor("x", x), kernel=tensor("kernel", kernel),
-                                   spec=spec(x.ndim - 2, **options))
-    if bias is not None:
-        request.bias.CopyFrom(tensor("bias", bias))
-    return Op("conv", "Conv", request, lambda r: to_array(r.output))
+    request = wire.conv_request(x, tensor("kernel", kernel), tensor("bias", bias) if bias is not None else None,
+                                spec(x.ndim - 2, **options))
+    return Op("raw", "Conv", request, to_array)
 
 
-def register_model(name, layers):
+#: Keys a batching dict of `register_model` may hold (Triton's dynamic_batching names).
+BATCHING_KEYS = ("max_batch_size", "preferred_batch_size", "max_queue_delay_microseconds")
+
+
+def _batching(batching):
+    """Check a batching dict's keys and value types (the server checks the ranges) -> DynamicBatching message."""
+    if batching is None:
+        return None
+    if not isinstance(batching, dict):
+        raise invalid_argument(f"batching must be a dict with keys {list(BATCHING_KEYS)} or None, got "
+                               f"{type(batching).__name__}")
+    unknown = sorted(set(batching) - set(BATCHING_KEYS))
+    if unknown:
+        raise invalid_argument(f"batching has unknown key(s) {unknown}; allowed: {list(BATCHING_KEYS)} (Triton's "
+                               f"dynamic_batching names)")
+    for key, value in batching.items():
+        values = value if key == "preferred_batch_size" else [value]
+        if key == "preferred_batch_size" and not isinstance(value, (list, tuple)):
+            raise invalid_argument(f"batching['preferred_batch_size'] must be a list of ints, got {value!r}")
+        if not all(_is_int(v) for v in values):
+            raise invalid_argument(f"batching[{key!r}] must be {'ints' if len(values) != 1 else 'an int'}, got "
+                                   f"{value!r}")
+    return wire.batching_message(batching)
+
+
+def register_model(name, layers, batching=None):
     if isinstance(layers, dict) or not isinstance(layers, (list, tuple)) or not layers:
         raise invalid_argument("layers must be a non-empty list of dicts, e.g. [{'kernel': k, 'bias': b, "
                                "'padding': 'same'}]")
@@ -273,13 +280,12 @@ def register_model(name, layers):
         if layer.get("bias") is not None:
             msg.bias.CopyFrom(tensor(f"layers[{i}]['bias']", layer["bias"]))
         msgs.append(msg)
-    request = conv_pb2.RegisterModelRequest(name=_model_name(name), layers=msgs)
+    request = conv_pb2.RegisterModelRequest(name=_model_name(name), layers=msgs, batching=_batching(batching))
     return Op("conv", "RegisterModel", request, lambda r: model_dict(r.model))
 
 
 def infer(name, x):
-    request = conv_pb2.InferRequest(name=_model_name(name), input=tensor("x", x))
-    return Op("conv", "Infer", request, lambda r: to_array(r.output))
+    return Op("raw", "Infer", wire.infer_request(_model_name(name), _array("x", x)), to_array)
 
 
 def list_models():

@@ -13,6 +13,9 @@ openmp_enabled, resolve_num_threads, usable_cpus
     use (affinity capped by the cgroup CPU quota), which the server sizes itself from.
 get_max_output_bytes, set_max_output_bytes
     The guard that refuses absurd outputs before allocating them.
+kernel_isa
+    Which micro-kernel level new plans run ("portable", "avx2", "avx512"): the CPU's best, or a lower one forced
+    with the ``CONVCORE_ISA`` environment variable.
 """
 from ._api import (
     ACTIVATIONS,
@@ -26,6 +29,7 @@ from ._api import (
     output_shape,
     set_max_output_bytes,
 )
+from ._isa import kernel_isa
 from ._threads import openmp_enabled, resolve_num_threads, usable_cpus
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "conv2d",
     "conv3d",
     "get_max_output_bytes",
+    "kernel_isa",
     "make_plan",
     "openmp_enabled",
     "output_shape",

@@ -6,19 +6,26 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _kernels
+from ._blocking import k_block, pixel_tile
+from ._isa import ISA_NAMES, isa_level
 from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
 from ._threads import limit_scipy_blas, resolve_num_threads
 
-__all__ = ["ACTIVATIONS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes", "make_plan",
-           "output_shape", "set_max_output_bytes"]
+__all__ = ["ACTIVATIONS", "ALGORITHMS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes",
+           "make_plan", "output_shape", "set_max_output_bytes"]
 
-ALGO_IM2COL, ALGO_DIRECT, ALGO_DEPTHWISE = 0, 1, 2
-_ALGO_NAMES = {ALGO_IM2COL: "im2col_gemm", ALGO_DIRECT: "gemm_direct", ALGO_DEPTHWISE: "depthwise"}
+ALGO_IM2COL, ALGO_DIRECT, ALGO_DEPTHWISE, ALGO_PACKED = 0, 1, 2, 3
+_ALGO_NAMES = {ALGO_IM2COL: "im2col_gemm", ALGO_DIRECT: "gemm_direct", ALGO_DEPTHWISE: "depthwise",
+               ALGO_PACKED: "packed_gemm"}
+#: Values of make_plan's `algorithm`.
+ALGORITHMS = ("auto", "packed", "blas", "im2col", "general")
 
 #: Bytes of one thread's im2col tile: about a core's L2 (512 KiB here); measured best of 64 KiB..4 MiB (BENCHMARKS.md).
 TILE_BYTES = 512 * 1024
 #: ... but never fewer output pixels per tile than this: below it the GEMM's N dimension is too thin to run fast.
 MIN_TILE = 64
+#: Packed NHWC layers with fewer input channels per group than this gather pixels into panels (see _kernels).
+APACK_MAX_CIG = 16
 
 _max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
 
@@ -63,7 +70,7 @@ class _WorkspacePool:
     A pool rather than one buffer so that concurrent calls on the same plan (a server's threads) never share one.
     """
 
-    def __init__(self, dtype):
+    def __init__(self, dtype=None):
         self._dtype = dtype
         self._free = []
         self._lock = threading.Lock()
@@ -90,7 +97,11 @@ class ConvPlan:
     Attributes
     ----------
     algorithm : str
-        "gemm_direct" (1x1, stride 1, no padding: GEMM on the input itself), "im2col_gemm" or "depthwise".
+        "packed_gemm" (the engine's own micro-kernels, input gathered straight into their panels), "gemm_direct"
+        (BLAS on the input itself: 1x1, stride 1, no padding), "im2col_gemm" (im2col tile + BLAS) or "depthwise".
+    isa : str
+        The micro-kernel level the plan runs ("portable", "avx2", "avx512"): the CPU's best, or the level
+        ``CONVCORE_ISA`` forced when the plan was made.
     geometry : LayerGeometry
         The checked layer.
     dtype : numpy.dtype
@@ -100,7 +111,7 @@ class ConvPlan:
 
     def __init__(self, x_shape, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1,
                  data_format="channels_first", kernel_layout=None, activation=None, num_threads=None,
-                 algorithm="auto", tile_size=None, _expect_rank=None):
+                 algorithm="auto", tile_size=None, channel_tile=None, _expect_rank=None, _k_block=None):
         kernel = _as_float_array("kernel", kernel)
         self.dtype = kernel.dtype
         if bias is not None:
@@ -108,11 +119,12 @@ class ConvPlan:
             if bias.dtype != self.dtype:
                 raise TypeError(f"bias has dtype {bias.dtype}, kernel has {self.dtype}: they must match "
                                 f"(no silent casts)")
-        if algorithm not in ("auto", "im2col", "general"):
-            raise ValueError(f"algorithm must be 'auto', 'im2col' or 'general', got {algorithm!r}")
-        if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
-                                      or tile_size < 1):
-            raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(repr(a) for a in ALGORITHMS)}, got {algorithm!r}")
+        for name, value in (("tile_size", tile_size), ("channel_tile", channel_tile), ("_k_block", _k_block)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        self._isa = isa_level()
         self._requested_threads = num_threads
         resolve_num_threads(num_threads)  # validate now, resolve per call (the small-work cut-off needs the batch)
         geo = normalize(x_shape, kernel.shape, None if bias is None else bias.shape, strides=strides,
@@ -122,6 +134,41 @@ class ConvPlan:
         self.geometry = geo
         self.input_shape = tuple(int(s) for s in x_shape)
         nsp = geo.nsp
+        cig = geo.C // geo.groups
+        cog = geo.Cout // geo.groups
+        unit = all(k == 1 for k in geo.ksize) and all(s == 1 for s in geo.strides) and \
+            all(p == (0, 0) for p in geo.pads)
+        depthwise = geo.groups > 1 and cig == 1
+        if algorithm in ("auto", "blas") and depthwise:
+            self._algo = ALGO_DEPTHWISE
+        elif algorithm in ("auto", "packed"):
+            self._algo = ALGO_PACKED
+        elif algorithm == "blas" and unit:
+            self._algo = ALGO_DIRECT
+        else:
+            self._algo = ALGO_IM2COL
+        self._general = algorithm == "general"
+        self._tile_size = tile_size
+        self._channel_tile = channel_tile
+        self._ck = cig * math.prod(geo.ksize)
+        self._canon = geo.canonical()
+        self._pool = _WorkspacePool(self.dtype)
+        self._ptr_pool = _WorkspacePool(np.intp)
+        self._mr, self._nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, geo.channels_last)
+        self._narrow = False
+        # NHWC with few channels per group: gather pixels into A panels (see _item_packed_nhwc). Measured on
+        # ResNet conv1 (3 channels), Zen 4, one thread: 51 vs 31 GFLOP/s through the per-tap pointers.
+        self._apack = geo.channels_last and cig < APACK_MAX_CIG
+        if not geo.channels_last:
+            # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
+            # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
+            mr, nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, False, True)
+            P = math.prod(geo.out_spatial)
+            if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr:
+                self._narrow, self._nr = True, nr
+        self._kc = min(_k_block, self._ck) if _k_block is not None else \
+            k_block(self._nr, self.dtype.itemsize, self._ck)
+
         # Weights in the engine's layout: OI* rows for NCHW (out = W · col), *IO for NHWC (out = col · W).
         if geo.channels_last and not geo.kernel_io:
             w = np.transpose(kernel, tuple(range(2, 2 + nsp)) + (1, 0))
@@ -129,26 +176,35 @@ class ConvPlan:
             w = np.transpose(kernel, (nsp + 1, nsp) + tuple(range(nsp)))
         else:
             w = kernel
-        self._w = np.ascontiguousarray(w).reshape(-1)
+        w = np.ascontiguousarray(w)
+        if self._algo == ALGO_PACKED:
+            self._w = self._pack_weights(w, geo.groups, cig, cog, geo.channels_last)
+            self._zeros = np.zeros(max(cig, 1), dtype=self.dtype)
+        else:
+            self._w = w.reshape(-1)
+            self._zeros = None
         # Zeros when there is no bias: the depthwise kernels start their accumulators from it unconditionally.
         self._bias = (np.ascontiguousarray(bias) if bias is not None else np.zeros(geo.Cout, dtype=self.dtype))
         self._has_bias = bias is not None
-
-        cig = geo.C // geo.groups
-        unit = all(k == 1 for k in geo.ksize) and all(s == 1 for s in geo.strides) and \
-            all(p == (0, 0) for p in geo.pads)
-        if algorithm == "auto" and geo.groups > 1 and cig == 1:
-            self._algo = ALGO_DEPTHWISE
-        elif algorithm == "auto" and unit:
-            self._algo = ALGO_DIRECT
-        else:
-            self._algo = ALGO_IM2COL
-        self._general = algorithm == "general"
-        self._tile_size = tile_size
-        self._ck = cig * math.prod(geo.ksize)
-        self._canon = geo.canonical()
-        self._pool = _WorkspacePool(self.dtype)
         limit_scipy_blas()
+
+    def _pack_weights(self, w, groups, cig, cog, channels_last):
+        """Weights in the micro-kernel's panel order, zero-padded to whole panels, one flat array (done once).
+
+        NCHW (A operand): [group][MR-channel panel][k][MR]; NHWC (B operand): [group][NR-channel panel][k][NR], with
+        k = (ci, kd, kh, kw) and (kd, kh, kw, ci) respectively, the orders the input panels are gathered in.
+        """
+        ck = self._ck
+        width = self._nr if channels_last else self._mr
+        panels = -(-cog // width)
+        if channels_last:
+            wg = w.reshape(ck, groups, cog).transpose(1, 0, 2)             # (G, K, Cog)
+        else:
+            wg = w.reshape(groups, cog, ck).transpose(0, 2, 1)             # (G, K, Cog)
+        padded = np.zeros((groups, ck, panels * width), dtype=self.dtype)
+        padded[:, :, :cog] = wg
+        packed = padded.reshape(groups, ck, panels, width).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(packed).reshape(-1)
 
     @property
     def algorithm(self):
@@ -158,16 +214,52 @@ class ConvPlan:
         """The output shape for `batch` (default: the batch of the plan's input shape)."""
         return self.geometry.output_shape(self.input_shape[0] if batch is None else batch)
 
+    @property
+    def isa(self):
+        return ISA_NAMES[self._isa]
+
+    def tiling(self, batch=None, num_threads=None):
+        """How a call with `batch` items on `num_threads` threads is split (for tests and tuning).
+
+        Returns
+        -------
+        dict
+            ``tile`` (output pixels per work item), ``pixel_tiles``, ``channel_chunk`` (output channels per work
+            item), ``channel_chunks``, ``k_block`` (K rows per micro-kernel pass; packed path only), ``items``.
+        """
+        n = self.input_shape[0] if batch is None else batch
+        nthreads = resolve_num_threads(self._requested_threads if num_threads is None else num_threads,
+                                       flops=self.geometry.flops(n))
+        tile, mchunk, _, _ = self._tiling(n, nthreads)
+        geo = self.geometry
+        P = math.prod(geo.out_spatial)
+        cog = geo.Cout // geo.groups
+        ptiles, mtiles = -(-P // tile), -(-cog // mchunk)
+        return {"tile": tile, "pixel_tiles": ptiles, "channel_chunk": mchunk, "channel_chunks": mtiles,
+                "k_block": self._kc if self._algo == ALGO_PACKED else None,
+                "items": n * geo.groups * ptiles * mtiles}
+
     def _tiling(self, n, nthreads):
-        """(pixels per tile, output-channel chunks, workspace elements per thread)."""
+        """(pixels per tile, output channels per chunk, workspace elements per thread, pointer slots per thread)."""
         geo = self.geometry
         P = math.prod(geo.out_spatial)
         cog = geo.Cout // geo.groups
         if self._algo == ALGO_DEPTHWISE:
-            return P, 1, 0
+            return P, cog, 0, 0
         itemsize = self.dtype.itemsize
+        packed = self._algo == ALGO_PACKED
+        # Packed chunks start on a micro-kernel panel: the channel dim is MR wide (NCHW) or NR wide (NHWC).
+        panel = (self._nr if geo.channels_last else self._mr) if packed else 1
         if self._tile_size is not None:
             tile = min(self._tile_size, P)
+        elif packed:
+            align = self._mr if geo.channels_last else self._nr
+            tile = min(P, pixel_tile(self._kc, itemsize, align))
+            # Feed every thread by splitting pixels first (a channel split makes each chunk gather the same input
+            # again), down to a few panels per tile.
+            want = -(-2 * nthreads // (n * geo.groups))
+            if -(-P // tile) < want:
+                tile = min(tile, max(-(-P // want), 4 * align))
         elif self._algo == ALGO_DIRECT:
             # No column matrix: tiles only to give every thread work.
             per_item = max(1, -(-4 * nthreads // (n * geo.groups)))
@@ -181,12 +273,26 @@ class ConvPlan:
         tile = -(-P // ptiles)
         ptiles = -(-P // tile)
         items = n * geo.groups * ptiles
-        mtiles = 1
-        if items < 2 * nthreads and cog >= 32:
-            # Too few pixel tiles to feed the team (small images, batch 1): split the output channels too.
-            mtiles = min(-(-2 * nthreads // items), cog // 16)
-        ws = 0 if self._algo == ALGO_DIRECT else self._ck * tile
-        return tile, mtiles, ws
+        if self._channel_tile is not None:
+            mchunk = min(cog, self._channel_tile)
+        else:
+            mtiles = 1
+            if items < (nthreads if packed else 2 * nthreads) and cog >= 32:
+                # Too few pixel tiles to feed the team (small images, batch 1): split the output channels too.
+                mtiles = min(-(-2 * nthreads // items), cog // 16)
+            mchunk = -(-cog // mtiles)
+        mchunk = min(-(-mchunk // panel) * panel, -(-cog // panel) * panel)
+        if packed:
+            if geo.channels_last:
+                ws = -(-tile // self._mr) * self._mr * self._kc if self._apack else 0
+            else:
+                # kc rows of the tile, each padded to whole NR panels plus at most one cache line (see _kernels)
+                ws = self._kc * (-(-tile // self._nr) * self._nr + 64 // itemsize)
+            pws = -(-tile // self._mr) * self._mr * math.prod(geo.ksize) if geo.channels_last else 0
+        else:
+            ws = 0 if self._algo == ALGO_DIRECT else self._ck * tile
+            pws = 0
+        return tile, mchunk, ws, pws
 
     def _check_input(self, x):
         x = _as_float_array("x", x)
@@ -244,14 +350,19 @@ class ConvPlan:
                 raise ValueError("out must not overlap x")
         x = np.ascontiguousarray(x)
         nthreads = resolve_num_threads(self._requested_threads, flops=geo.flops(n))
-        tile, mtiles, ws = self._tiling(n, nthreads)
+        tile, mchunk, ws, pws = self._tiling(n, nthreads)
         work = self._pool.acquire(ws * nthreads)
+        ptrs = self._ptr_pool.acquire(pws * nthreads) if pws else None
         try:
-            geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (tile, mtiles, ws)
+            geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
+                tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack)
             _kernels.run(x.reshape(-1), self._w, self._bias, out.reshape(-1), work, geom,
-                         int(geo.channels_last), self._algo, geo.act, self._has_bias, self._general, nthreads)
+                         int(geo.channels_last), self._algo, geo.act, self._has_bias, self._general, nthreads,
+                         self._isa, ptrs, self._zeros)
         finally:
             self._pool.release(work)
+            if ptrs is not None:
+                self._ptr_pool.release(ptrs)
         return out
 
     __call__ = run
@@ -259,12 +370,24 @@ class ConvPlan:
 
 def make_plan(x_shape, kernel, bias=None, *, strides=1, padding="valid", dilation=1, groups=1,
               data_format="channels_first", kernel_layout=None, activation=None, num_threads=None,
-              algorithm="auto", tile_size=None):
+              algorithm="auto", tile_size=None, channel_tile=None):
     """Build a reusable :class:`ConvPlan` for inputs of shape `x_shape` (any batch size at run time).
 
-    Parameters are those of :func:`conv`, plus ``algorithm`` ("auto"; "im2col" forces im2col + GEMM with no fast
-    path; "general" forces the general N-d vol2col path) and ``tile_size`` (output pixels per tile; default sized to
-    the L2 cache). The dtype is the kernel's.
+    Parameters are those of :func:`conv`, plus:
+
+    algorithm : str
+        "auto" (the engine's packed micro-kernels; the direct kernel for depthwise layers), "packed" (the packed
+        micro-kernels for every layer, depthwise too), "blas" (the im2col + BLAS implementation: BLAS straight on
+        the input for 1x1/stride 1/no padding, direct depthwise), "im2col" (im2col + BLAS, no fast path) or
+        "general" (the general element-by-element N-d gather + BLAS, for tests).
+    tile_size : int, optional
+        Output pixels per work item (default: sized to the L2 cache).
+    channel_tile : int, optional
+        Output channels per work item (default: all of a group's, split only when there are too few pixel tiles to
+        feed the threads). The packed kernels round it up to a whole micro-kernel panel (``plan.tiling()`` shows
+        the split used).
+
+    The dtype is the kernel's.
 
     Returns
     -------
@@ -272,7 +395,7 @@ def make_plan(x_shape, kernel, bias=None, *, strides=1, padding="valid", dilatio
     """
     return ConvPlan(x_shape, kernel, bias, strides=strides, padding=padding, dilation=dilation, groups=groups,
                     data_format=data_format, kernel_layout=kernel_layout, activation=activation,
-                    num_threads=num_threads, algorithm=algorithm, tile_size=tile_size)
+                    num_threads=num_threads, algorithm=algorithm, tile_size=tile_size, channel_tile=channel_tile)
 
 
 def output_shape(x_shape, kernel_shape, *, strides=1, padding="valid", dilation=1, groups=1,

@@ -17,11 +17,31 @@ from ._blas cimport floating, gemm_rm
 
 ctypedef Py_ssize_t idx_t
 
+cdef extern from "_gemm.h" nogil:
+    ctypedef void (*cc_gemm_f32_t)(idx_t, const float*, const float*, idx_t, float*, idx_t, idx_t, idx_t, int)
+    ctypedef void (*cc_gemm_f64_t)(idx_t, const double*, const double*, idx_t, double*, idx_t, idx_t, idx_t, int)
+    ctypedef void (*cc_igemm_f32_t)(idx_t, idx_t, const float* const*, idx_t, const float*, float*, idx_t,
+                                    idx_t, idx_t, int)
+    ctypedef void (*cc_igemm_f64_t)(idx_t, idx_t, const double* const*, idx_t, const double*, double*, idx_t,
+                                    idx_t, idx_t, int)
+    ctypedef struct cc_gemm_kernels:
+        cc_gemm_f32_t gemm_f32
+        cc_gemm_f64_t gemm_f64
+        cc_igemm_f32_t igemm_f32
+        cc_igemm_f64_t igemm_f64
+        cc_gemm_f32_t gemmn_f32
+        cc_gemm_f64_t gemmn_f64
+        cc_gemm_f32_t gemmh_f32
+        cc_gemm_f64_t gemmh_f64
+    const cc_gemm_kernels* cc_gemm_pick(int isa)
+    void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
+
 # Algorithms (kept in sync with convcore._api)
 cdef enum:
     ALGO_IM2COL = 0
     ALGO_DIRECT = 1
     ALGO_DEPTHWISE = 2
+    ALGO_PACKED = 3
 
 cdef struct Geom:
     idx_t N, C, D, H, W, Cout, G, Cig, Cog
@@ -30,6 +50,11 @@ cdef struct Geom:
     idx_t tile, ptiles, mtiles, mchunk, ws
     int act
     bint has_bias, general
+    int isa                      # kernel level (0 portable, 1 avx2, 2 avx512: _isa.h), chosen when the plan was made
+    idx_t kc, MR, NR             # packed path: K block, micro-kernel tile (elements)
+    bint narrow                  # packed NCHW: the narrow (2-vector) kernel variant
+    bint apack                   # packed NHWC: gather the pixels into A panels (few channels per group)
+    const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
 
 
 cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
@@ -134,63 +159,71 @@ cdef inline void _epilogue_cols(floating* c, idx_t rows, idx_t cols, idx_t ldc,
 
 # ---------------------------------------------------------------------------------------------- im2col, NCHW
 cdef void _im2col_nchw(const Geom* g, const floating* xg, floating* col, idx_t p0, idx_t T) noexcept nogil:
-    """col[r, t] for r = (ci, kd, kh, kw) and output pixels p0 .. p0+T-1; xg points at channel 0 of the group.
+    """col[r, t] for r = (ci, kd, kh, kw) and output pixels p0 .. p0+T-1; xg points at channel 0 of the group."""
+    cdef idx_t r
+    for r in range(g.CK):
+        _im2col_nchw_row(g, xg, col + r * T, r, p0, T)
+
+
+cdef void _im2col_nchw_row(const Geom* g, const floating* xg, floating* dst, idx_t r, idx_t p0,
+                           idx_t T) noexcept nogil:
+    """Row r = (ci, kd, kh, kw) of the column matrix, output pixels p0 .. p0+T-1, into dst[0:T].
 
     Each output row segment is handled as: zeros where the kernel tap falls in the left padding, a copy (memcpy for
-    stride 1), zeros for the right padding — no per-element bounds test.
+    stride 1), zeros for the right padding — no per-element bounds test. Shared by the BLAS path (a whole tile) and
+    the packed-kernel path (one row at a time, scattered into the micro-kernel's panels).
     """
     cdef idx_t HW = g.H * g.W, DHW = g.D * g.H * g.W
-    cdef idx_t r, rem, ci, kd, kh, kw, od, oh, ow, filled, seg, id_, ih, koff, lo, hi, a, b, j
-    cdef floating* dst
+    cdef idx_t rem, ci, kd, kh, kw, od, oh, ow, filled, seg, id_, ih, koff, lo, hi, a, b, j
+    cdef floating* d
     cdef const floating* src
-    for r in range(g.CK):
-        kw = r % g.KW
-        rem = r // g.KW
-        kh = rem % g.KH
-        rem = rem // g.KH
-        kd = rem % g.KD
-        ci = rem // g.KD
-        koff = kw * g.DW - g.PW
-        _valid_range(koff, g.SW, g.W, g.OW, &lo, &hi)
-        ow = p0 % g.OW
-        rem = p0 // g.OW
-        oh = rem % g.OH
-        od = rem // g.OH
-        filled = 0
-        while filled < T:
-            seg = g.OW - ow
-            if seg > T - filled:
-                seg = T - filled
-            dst = col + r * T + filled
-            id_ = od * g.SD - g.PD + kd * g.DD
-            ih = oh * g.SH - g.PH + kh * g.DH
-            if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
-                memset(dst, 0, seg * sizeof(floating))
+    kw = r % g.KW
+    rem = r // g.KW
+    kh = rem % g.KH
+    rem = rem // g.KH
+    kd = rem % g.KD
+    ci = rem // g.KD
+    koff = kw * g.DW - g.PW
+    _valid_range(koff, g.SW, g.W, g.OW, &lo, &hi)
+    ow = p0 % g.OW
+    rem = p0 // g.OW
+    oh = rem % g.OH
+    od = rem // g.OH
+    filled = 0
+    while filled < T:
+        seg = g.OW - ow
+        if seg > T - filled:
+            seg = T - filled
+        d = dst + filled
+        id_ = od * g.SD - g.PD + kd * g.DD
+        ih = oh * g.SH - g.PH + kh * g.DH
+        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
+            memset(d, 0, seg * sizeof(floating))
+        else:
+            src = xg + ci * DHW + id_ * HW + ih * g.W + koff
+            # Copy range [a, b) clipped to this segment [ow, ow + seg): a tile may end inside the padding.
+            a = lo if lo > ow else ow
+            if a > ow + seg:
+                a = ow + seg
+            b = hi if hi < ow + seg else ow + seg
+            if b < a:
+                b = a
+            if a > ow:
+                memset(d, 0, (a - ow) * sizeof(floating))
+            if g.SW == 1:
+                if b > a:
+                    memcpy(d + (a - ow), src + a, (b - a) * sizeof(floating))
             else:
-                src = xg + ci * DHW + id_ * HW + ih * g.W + koff
-                # Copy range [a, b) clipped to this segment [ow, ow + seg): a tile may end inside the padding.
-                a = lo if lo > ow else ow
-                if a > ow + seg:
-                    a = ow + seg
-                b = hi if hi < ow + seg else ow + seg
-                if b < a:
-                    b = a
-                if a > ow:
-                    memset(dst, 0, (a - ow) * sizeof(floating))
-                if g.SW == 1:
-                    if b > a:
-                        memcpy(dst + (a - ow), src + a, (b - a) * sizeof(floating))
-                else:
-                    for j in range(a, b):
-                        dst[j - ow] = src[j * g.SW]
-                if ow + seg > b:
-                    memset(dst + (b - ow), 0, (ow + seg - b) * sizeof(floating))
-            filled += seg
-            ow = 0
-            oh += 1
-            if oh == g.OH:
-                oh = 0
-                od += 1
+                for j in range(a, b):
+                    d[j - ow] = src[j * g.SW]
+            if ow + seg > b:
+                memset(d + (b - ow), 0, (ow + seg - b) * sizeof(floating))
+        filled += seg
+        ow = 0
+        oh += 1
+        if oh == g.OH:
+            oh = 0
+            od += 1
 
 
 cdef void _vol2col_nchw_general(const Geom* g, const floating* xg, floating* col, idx_t p0, idx_t T) noexcept nogil:
@@ -334,13 +367,180 @@ cdef void _item_nhwc(const Geom* g, const floating* x, const floating* w, const 
     _epilogue_cols(c, T, M, g.Cout, bias + co0 if g.has_bias else NULL, g.act)
 
 
+# ---------------------------------------------------------------------------------------------- packed kernels
+cdef inline void _ukr(const Geom* g, idx_t K, const floating* a, const floating* b, idx_t ldb, floating* c,
+                      idx_t ldc, idx_t mr, idx_t nr, int add) noexcept nogil:
+    if floating is float:
+        (g.kern.gemmn_f32 if g.narrow else g.kern.gemm_f32)(K, a, b, ldb, c, ldc, mr, nr, add)
+    else:
+        (g.kern.gemmn_f64 if g.narrow else g.kern.gemm_f64)(K, a, b, ldb, c, ldc, mr, nr, add)
+
+
+cdef inline void _hukr(const Geom* g, idx_t K, const floating* a, const floating* b, floating* c, idx_t ldc,
+                       idx_t mr, idx_t nr, int add) noexcept nogil:
+    """The gemm kind in the NHWC tile shape: A = pixels packed [k][MR], B = weights packed [k][NR]."""
+    if floating is float:
+        g.kern.gemmh_f32(K, a, b, g.NR, c, ldc, mr, nr, add)
+    else:
+        g.kern.gemmh_f64(K, a, b, g.NR, c, ldc, mr, nr, add)
+
+
+cdef inline void _iukr(const Geom* g, idx_t ntaps, idx_t klen, const floating** ap, idx_t koff, const floating* b,
+                       floating* c, idx_t ldc, idx_t mr, idx_t nr, int add) noexcept nogil:
+    if floating is float:
+        g.kern.igemm_f32(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
+    else:
+        g.kern.igemm_f64(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
+
+
+cdef void _item_packed_nchw(const Geom* g, const floating* x, const floating* wp, const floating* bias,
+                            floating* out, floating* ws, idx_t it, bint direct) noexcept nogil:
+    """One work item, NCHW: out[M channels, T pixels] = W · col with the packed micro-kernels.
+
+    Per K block of kc rows, the rows of the column matrix are gathered straight from the tensor into this thread's
+    tile (kc rows of T pixels, ldb apart, zero-padded to whole NR panels): the im2col row logic, or for 1x1/stride
+    1/no padding one memcpy of the input row. The micro-kernel reads its B panel (NR pixels x kc rows, in L1) from
+    that tile in place, and every MR-channel weight panel (packed in the plan, streamed from L2) runs over it. The
+    row stride ldb is an odd number of cache lines, so the kc rows of a panel spread over all L1 sets. m0 is a
+    multiple of MR (the plan rounds channel chunks), so chunks start on a weight panel.
+    """
+    cdef idx_t n, grp, p0, T, m0, M, co0
+    _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
+    if M <= 0:
+        return
+    co0 = grp * g.Cog + m0
+    cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, P = g.P
+    cdef idx_t npan = _ceil_div(T, NR), Tp = npan * NR, mpan = _ceil_div(M, MR)
+    cdef idx_t line = 64 // sizeof(floating)
+    cdef idx_t ldb = Tp + line if (Tp // line) % 2 == 0 else Tp
+    cdef idx_t mpg = _ceil_div(g.Cog, MR)
+    cdef const floating* xg = x + (n * g.C + grp * g.Cig) * (g.D * g.H * g.W)
+    cdef floating* c = out + (n * g.Cout + co0) * P + p0
+    cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
+    cdef idx_t k0, kl, r, jp, mp, nr
+    cdef floating* dst
+    k0 = 0
+    while k0 < CK:
+        kl = g.kc if CK - k0 > g.kc else CK - k0
+        for r in range(k0, k0 + kl):
+            dst = ws + (r - k0) * ldb
+            if direct:
+                memcpy(dst, xg + r * P + p0, T * sizeof(floating))
+            else:
+                _im2col_nchw_row(g, xg, dst, r, p0, T)
+            if Tp > T:
+                memset(dst + T, 0, (Tp - T) * sizeof(floating))
+        for jp in range(npan):
+            nr = NR if T - jp * NR > NR else T - jp * NR
+            for mp in range(mpan):
+                _ukr(g, kl, wg + (mp * CK + k0) * MR, ws + jp * NR, ldb, c + mp * MR * P + jp * NR, P,
+                     MR if M - mp * MR > MR else M - mp * MR, nr, k0 > 0)
+        k0 += kl
+    _epilogue_rows(c, M, T, P, bias + co0 if g.has_bias else NULL, g.act)
+
+
+cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp, const floating* bias,
+                            floating* out, const floating** ptrs, const floating* zeros, floating* ws,
+                            idx_t it) noexcept nogil:
+    """One work item, NHWC: out[T pixels, M channels] = col · W with the indirect (igemm) micro-kernels.
+
+    No column matrix at all: for each MR pixels and each kernel tap, a pointer to the Cig input channels that tap
+    reads (or to `zeros` for padding and for the missing pixels of the last MR group), built once per item in this
+    thread's pointer workspace. The weights are packed in the plan as [channel panel][tap][ci][NR]. K blocks are
+    whole taps (kc // Cig of them) or, when one tap has more than kc channels, a channel range of one tap.
+    With few channels per group (g.apack: conv1's 3), a tap is too short to pay for reloading MR pointers, so each
+    K block is first gathered through the pointers into [k][MR] pixel panels in `ws` and run by the gemm kind.
+    """
+    cdef idx_t n, grp, p0, T, m0, M, co0
+    _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
+    if M <= 0:
+        return
+    co0 = grp * g.Cog + m0
+    cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, KK = g.KK, Cig = g.Cig
+    cdef idx_t mpan = _ceil_div(T, MR), npan = _ceil_div(M, NR), npg = _ceil_div(g.Cog, NR)
+    cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * Cig
+    cdef floating* c = out + (n * g.P + p0) * g.Cout + co0
+    cdef const floating* wg = wp + (grp * npg + m0 // NR) * CK * NR
+    cdef idx_t mp, i, p, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb
+    cdef const floating** pp
+    cdef const floating* src
+    cdef floating* ap
+    for mp in range(mpan):
+        for i in range(MR):
+            pp = ptrs + mp * KK * MR + i
+            p = p0 + mp * MR + i
+            if p >= p0 + T:
+                for tap in range(KK):
+                    pp[tap * MR] = zeros
+                continue
+            ow = p % g.OW
+            oh = (p // g.OW) % g.OH
+            od = p // (g.OW * g.OH)
+            tap = 0
+            for kd in range(g.KD):
+                id_ = od * g.SD - g.PD + kd * g.DD
+                for kh in range(g.KH):
+                    ih = oh * g.SH - g.PH + kh * g.DH
+                    for kw in range(g.KW):
+                        iw = ow * g.SW - g.PW + kw * g.DW
+                        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H or <size_t> iw >= <size_t> g.W:
+                            pp[tap * MR] = zeros
+                        else:
+                            pp[tap * MR] = xn + ((id_ * g.H + ih) * g.W + iw) * g.C
+                        tap += 1
+    cdef idx_t taps_per_block = g.kc // Cig if g.kc >= Cig else 1
+    t0 = 0
+    koff = 0
+    while t0 < KK:
+        if Cig > g.kc:
+            nt = 1
+            kl = g.kc if Cig - koff > g.kc else Cig - koff
+        else:
+            nt = taps_per_block if KK - t0 > taps_per_block else KK - t0
+            kl = Cig
+        if g.apack:
+            kb = nt * kl
+            for mp in range(mpan):
+                for tt in range(nt):
+                    for i in range(MR):
+                        src = ptrs[(mp * KK + t0 + tt) * MR + i] + koff
+                        ap = ws + (mp * kb + tt * kl) * MR + i
+                        for ci in range(kl):
+                            ap[ci * MR] = src[ci]
+            for jp in range(npan):
+                for mp in range(mpan):
+                    _hukr(g, kb, ws + mp * kb * MR, wg + (jp * CK + t0 * Cig + koff) * NR,
+                          c + mp * MR * g.Cout + jp * NR, g.Cout, MR if T - mp * MR > MR else T - mp * MR,
+                          NR if M - jp * NR > NR else M - jp * NR, t0 > 0 or koff > 0)
+        else:
+            for jp in range(npan):
+                for mp in range(mpan):
+                    _iukr(g, nt, kl, ptrs + (mp * KK + t0) * MR, koff, wg + (jp * CK + t0 * Cig + koff) * NR,
+                          c + mp * MR * g.Cout + jp * NR, g.Cout, MR if T - mp * MR > MR else T - mp * MR,
+                          NR if M - jp * NR > NR else M - jp * NR, t0 > 0 or koff > 0)
+        if Cig > g.kc and koff + kl < Cig:
+            koff += kl
+        else:
+            koff = 0
+            t0 += nt
+    _epilogue_cols(c, T, M, g.Cout, bias + co0 if g.has_bias else NULL, g.act)
+
+
+def gemm_shape(int isa, int itemsize, bint channels_last, bint narrow=False):
+    """(MR, NR) of the packed micro-kernel the plan will run (for its weight packing and tiling)."""
+    cdef int mr, nr
+    cc_gemm_shape(isa, itemsize, channels_last, narrow, &mr, &nr)
+    return mr, nr
+
+
 # ---------------------------------------------------------------------------------------------- depthwise
 cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating* w, const floating* bias,
                                 floating* out, idx_t it) noexcept nogil:
     """One output plane (n, co) of a depthwise layer (groups == C, Cog = channel multiplier).
 
-    Kernel taps outermost: each tap is one multiply-add pass over the output plane (which stays in L1), its inner
-    loop contiguous over the output row for stride 1, so the compiler vectorizes it.
+    At level avx2/avx512 the ISA kernel of _dw_simd.h does the plane. The portable loop below puts kernel taps
+    outermost: each tap is one multiply-add pass over the output plane (which stays in L1), its inner loop
+    contiguous over the output row for stride 1, so the compiler vectorizes it.
     """
     cdef idx_t n = it // g.Cout, co = it % g.Cout
     cdef idx_t ci = co // g.Cog
@@ -352,6 +552,19 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
     cdef floating wv, b0 = bias[co] if g.has_bias else 0
     cdef floating* orow
     cdef const floating* irow
+    cdef cc_dwg dg
+    cdef int done
+    if g.isa > 0:
+        # AVX2 / AVX-512: output rows in vector registers, bias and relu/relu6 fused (_dw_tmpl.h).
+        _dw_fill(g, &dg)
+        if floating is float:
+            done = cc_dw_nchw_plane_f32(g.isa, &dg, xp, wk, b0, op)
+        else:
+            done = cc_dw_nchw_plane_f64(g.isa, &dg, xp, wk, b0, op)
+        if done:
+            if g.act > 2:
+                _activate(op, OP, g.act)
+            return
     for j in range(OP):
         op[j] = b0
     for kd in range(g.KD):
@@ -381,6 +594,17 @@ cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating
 
 cdef extern from "_dw_simd.h" nogil:
     int CC_DW_PIX
+    ctypedef struct cc_dwg:
+        idx_t C, Cout, D, H, W, OD, OH, OW
+        idx_t KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW
+        int act
+    # ISA kernels: return 1 when they ran, 0 when the caller's portable loop must (level 0, non-x86, ...).
+    int cc_dw_nchw_plane_f32(int isa, const cc_dwg* g, const float* xp, const float* wk, float b0, float* op)
+    int cc_dw_nchw_plane_f64(int isa, const cc_dwg* g, const double* xp, const double* wk, double b0, double* op)
+    int cc_dw_nhwc_row_f32(int isa, const cc_dwg* g, const float* xn, const float* w, const float* bias,
+                           float* orow, idx_t od, idx_t oh)
+    int cc_dw_nhwc_row_f64(int isa, const cc_dwg* g, const double* xn, const double* w, const double* bias,
+                           double* orow, idx_t od, idx_t oh)
     void cc_dw_block_f32(const float* xn, const float* w, const float* bias, float* o, idx_t od, idx_t oh,
                          idx_t ow0, idx_t cb, idx_t KD, idx_t KH, idx_t KW, idx_t SD, idx_t SH, idx_t SW,
                          idx_t DD, idx_t DH, idx_t DW, idx_t PD, idx_t PH, idx_t PW, idx_t D, idx_t H, idx_t W,
@@ -389,6 +613,19 @@ cdef extern from "_dw_simd.h" nogil:
                          idx_t ow0, idx_t cb, idx_t KD, idx_t KH, idx_t KW, idx_t SD, idx_t SH, idx_t SW,
                          idx_t DD, idx_t DH, idx_t DW, idx_t PD, idx_t PH, idx_t PW, idx_t D, idx_t H, idx_t W,
                          idx_t C, idx_t Cout)
+
+
+cdef inline void _dw_fill(const Geom* g, cc_dwg* d) noexcept nogil:
+    """The layer as the ISA depthwise kernels take it (their own struct, so _dw_simd.h needs nothing from here)."""
+    d.C = g.C
+    d.Cout = g.Cout
+    d.D, d.H, d.W = g.D, g.H, g.W
+    d.OD, d.OH, d.OW = g.OD, g.OH, g.OW
+    d.KD, d.KH, d.KW = g.KD, g.KH, g.KW
+    d.SD, d.SH, d.SW = g.SD, g.SH, g.SW
+    d.DD, d.DH, d.DW = g.DD, g.DH, g.DW
+    d.PD, d.PH, d.PW = g.PD, g.PH, g.PW
+    d.act = g.act
 
 
 cdef inline void _dw_nhwc_block(const Geom* g, const floating* xn, const floating* w, const floating* bias,
@@ -409,7 +646,7 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     Interior pixels (all taps inside the input along W) with channel multiplier 1 go through _dw_nhwc_block:
     CC_DW_PIX pixels x one channel block held in registers across all taps. Border pixels, leftover channels and
     multipliers > 1 take the plain loop, which accumulates in the output. `bias` is never NULL here (zeros when the
-    layer has none).
+    layer has none). At level avx2/avx512 with multiplier 1 the ISA row kernel of _dw_simd.h does the whole row.
     """
     cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
     cdef floating* orow = out + it * g.OW * g.Cout
@@ -419,6 +656,19 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     cdef idx_t cfull = (C // block) * block if g.Cog == 1 else 0
     cdef const floating* xn = x + n * g.D * g.H * g.W * C
     cdef bint interior
+    cdef cc_dwg dg
+    cdef int done
+    if g.isa > 0 and g.Cog == 1:
+        # AVX2 / AVX-512 row kernel: every pixel vectorized over channels, borders and channel tails masked.
+        _dw_fill(g, &dg)
+        if floating is float:
+            done = cc_dw_nhwc_row_f32(g.isa, &dg, xn, w, bias, orow, od, oh)
+        else:
+            done = cc_dw_nhwc_row_f64(g.isa, &dg, xn, w, bias, orow, od, oh)
+        if done:
+            if g.act > 2:
+                _activate(orow, g.OW * Cout, g.act)
+            return
     ow = 0
     while ow < g.OW:
         interior = (cfull > 0 and ow + CC_DW_PIX <= g.OW and ow * g.SW - g.PW >= 0
@@ -474,31 +724,37 @@ cdef void _dw_nhwc_plain(const Geom* g, const floating* xn, const floating* w, c
 # ---------------------------------------------------------------------------------------------- entry point
 def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, floating[::1] out,
         floating[::1] work, tuple geom, int channels_last, int algo, int act, bint has_bias, bint general,
-        int num_threads):
+        int num_threads, int isa, idx_t[::1] ptrs=None, const floating[::1] zeros=None):
     """Run one planned convolution. Called only by convcore._api.ConvPlan, which has checked every size.
 
-    geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mtiles, ws)
+    geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mchunk, ws,
+    kc, MR, NR, narrow, apack). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs
+    `ptrs` (the per-thread pointer workspace, ws_ptrs = ceil(tile / MR) * MR * KK entries per thread) and `zeros` (Cig zeros).
     """
     cdef Geom g
     (g.N, g.C, g.D, g.H, g.W, g.Cout, g.G, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
-     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mtiles, g.ws) = geom
+     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR, g.narrow, g.apack) = geom
     g.Cig = g.C // g.G
     g.Cog = g.Cout // g.G
     g.P = g.OD * g.OH * g.OW
     g.KK = g.KD * g.KH * g.KW
     g.CK = g.Cig * g.KK
     g.ptiles = _ceil_div(g.P, g.tile)
-    g.mchunk = _ceil_div(g.Cog, g.mtiles)
+    g.mtiles = _ceil_div(g.Cog, g.mchunk)
     g.act = act
     g.has_bias = has_bias
     g.general = general
+    g.isa = isa
+    g.kern = cc_gemm_pick(isa)
 
     cdef const floating* xp = &x[0]
     cdef const floating* wp = &w[0]
     cdef const floating* bp = &bias[0]
     cdef floating* op = &out[0]
     cdef floating* wsp = &work[0]
-    cdef idx_t it, nitems
+    cdef const floating** pwp = NULL
+    cdef const floating* zp = NULL
+    cdef idx_t it, nitems, pws = 0
     cdef int tid
     cdef bint direct = algo == ALGO_DIRECT
     if algo == ALGO_DEPTHWISE:
@@ -512,6 +768,23 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
                 _depthwise_nchw_plane(&g, xp, wp, bp, op, it)
         return
     nitems = g.N * g.G * g.ptiles * g.mtiles
+    if algo == ALGO_PACKED:
+        direct = g.KK == 1 and g.SD == 1 and g.SH == 1 and g.SW == 1 and g.PD == 0 and g.PH == 0 and g.PW == 0 \
+            and g.OD == g.D and g.OH == g.H and g.OW == g.W
+        if channels_last:
+            pws = _ceil_div(g.tile, g.MR) * g.MR * g.KK
+            if ptrs is None or zeros is None or ptrs.shape[0] < pws * num_threads or zeros.shape[0] < g.Cig:
+                raise ValueError("packed NHWC run needs ptrs and zeros workspaces of the planned size")
+            pwp = <const floating**> &ptrs[0]
+            zp = &zeros[0]
+            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+                tid = threadid()
+                _item_packed_nhwc(&g, xp, wp, bp, op, pwp + tid * pws, zp, wsp + tid * g.ws, it)
+        else:
+            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+                tid = threadid()
+                _item_packed_nchw(&g, xp, wp, bp, op, wsp + tid * g.ws, it, direct)
+        return
     if channels_last:
         for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
             tid = threadid()

@@ -27,7 +27,7 @@ from benchmarks._harness import ServerProcess  # noqa: E402
 from client import ConvClient  # noqa: E402
 
 
-def perf_analyzer_command(target, model, shape="3,32,32", batch=2, interval_ms=1000):
+def perf_analyzer_command(target, model, shape="3,32,32", batch=2, interval_ms=1000, shared_memory=False):
     """The exact perf_analyzer invocation (also shown in README).
 
     The machine is shared, so throughput between windows can swing a lot: a loose stability criterion
@@ -35,16 +35,20 @@ def perf_analyzer_command(target, model, shape="3,32,32", batch=2, interval_ms=1
     """
     return [os.path.join(HERE, "perf_analyzer.sh"), "-m", model, "-u", target, "-i", "grpc",
             "--concurrency-range", "2", "--shape", f"input:{shape}", "-b", str(batch),
-            "--measurement-interval", str(interval_ms), "--stability-percentage", "100", "--max-trials", "8"]
+            "--measurement-interval", str(interval_ms), "--stability-percentage", "100", "--max-trials", "8"] + (
+        ["--shared-memory", "system"] if shared_memory else [])
 
 
-def check(target, model="perf-edge", timeout=120):
-    """Register `model` on `target`, run perf_analyzer; return (ok, output)."""
+def check(target, model="perf-edge", timeout=120, shared_memory=False):
+    """Register `model` on `target`, run perf_analyzer (through system shared memory if asked); return (ok, output).
+
+    With shared memory, the server must also have no region left registered afterwards (perf_analyzer unregisters
+    its own)."""
     rng = np.random.default_rng(0)
     with ConvClient(target, timeout=30) as c:
         c.register_model(model, [{"kernel": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
                                   "bias": np.zeros(8, np.float32), "padding": "same", "activation": "relu"}])
-    cmd = perf_analyzer_command(target, model)
+    cmd = perf_analyzer_command(target, model, shared_memory=shared_memory)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     text = out.stdout + out.stderr
     count = re.search(r"Request count: (\d+)", text)
@@ -57,6 +61,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
     p.add_argument("--model", default="perf-edge")
+    p.add_argument("--shared-memory", action="store_true", help="run perf_analyzer with --shared-memory system")
     args = p.parse_args(argv)
     server = None
     if args.target is None:
@@ -64,7 +69,7 @@ def main(argv=None):
     target = args.target or server.target
     ok, text = False, ""
     try:
-        ok, text = check(target, args.model)
+        ok, text = check(target, args.model, shared_memory=args.shared_memory)
     finally:
         if server is not None:
             server.stop(30)

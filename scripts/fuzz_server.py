@@ -66,6 +66,13 @@ METHODS = {
     KSERVE + "ModelMetadata": (kpb.ModelMetadataRequest, kpb.ModelMetadataResponse),
     KSERVE + "ModelInfer": (kpb.ModelInferRequest, kpb.ModelInferResponse),
     KSERVE + "ModelConfig": (kpb.ModelConfigRequest, kpb.ModelConfigResponse),
+    KSERVE + "ModelStatistics": (kpb.ModelStatisticsRequest, kpb.ModelStatisticsResponse),
+    KSERVE + "RepositoryIndex": (kpb.RepositoryIndexRequest, kpb.RepositoryIndexResponse),
+    KSERVE + "SystemSharedMemoryStatus": (kpb.SystemSharedMemoryStatusRequest, kpb.SystemSharedMemoryStatusResponse),
+    KSERVE + "SystemSharedMemoryRegister": (kpb.SystemSharedMemoryRegisterRequest,
+                                            kpb.SystemSharedMemoryRegisterResponse),
+    KSERVE + "SystemSharedMemoryUnregister": (kpb.SystemSharedMemoryUnregisterRequest,
+                                              kpb.SystemSharedMemoryUnregisterResponse),
     HEALTH: (health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse),
 }
 OK, INVALID, NOT_FOUND = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -129,6 +136,12 @@ def valid_requests(rng):
         KSERVE + "ModelInfer": kpb.ModelInferRequest(model_name=BASE_MODEL, id="q", inputs=[kin],
                                                      raw_input_contents=[x.tobytes()]),
         KSERVE + "ModelConfig": kpb.ModelConfigRequest(name=BASE_MODEL),
+        KSERVE + "ModelStatistics": kpb.ModelStatisticsRequest(name=rng.choice(["", BASE_MODEL, name])),
+        KSERVE + "RepositoryIndex": kpb.RepositoryIndexRequest(ready=rng.random() < 0.5),
+        KSERVE + "SystemSharedMemoryStatus": kpb.SystemSharedMemoryStatusRequest(name=rng.choice(["", "fzr"])),
+        KSERVE + "SystemSharedMemoryRegister": kpb.SystemSharedMemoryRegisterRequest(
+            name="fzr", key=rng.choice(["/fz-none", "fz-none", "/../fz"]), offset=0, byte_size=64),
+        KSERVE + "SystemSharedMemoryUnregister": kpb.SystemSharedMemoryUnregisterRequest(name=rng.choice(["", "fzr"])),
         HEALTH: health_pb2.HealthCheckRequest(service=""),
     }
 
@@ -321,6 +334,60 @@ def named_cases(token):
         ("KServe two raw contents for one input", KSERVE + "ModelInfer", kpb.ModelInferRequest(
             model_name=BASE_MODEL, inputs=[kin(name="input", datatype="FP32", shape=[1, 3, 1, 1])],
             raw_input_contents=[b"\0" * 12, b"\0" * 12]), {INVALID}),
+    ]
+    def shm_input(params):
+        tensor = kin(name="input", datatype="FP32", shape=[1, 3, 2, 2])
+        for key, value in params.items():
+            setattr(tensor.parameters[key], "string_param" if isinstance(value, str) else "int64_param", value)
+        return kpb.ModelInferRequest(model_name=BASE_MODEL, inputs=[tensor])
+
+    def batching(**kw):
+        request = register("fzbatch")
+        request.batching.CopyFrom(conv_pb2.DynamicBatching(**kw))
+        return request
+
+    shm_register = kpb.SystemSharedMemoryRegisterRequest
+    cases += [
+        ("shm register: absolute path key", KSERVE + "SystemSharedMemoryRegister",
+         shm_register(name="fz", key="/etc/passwd", byte_size=8), {INVALID}),
+        ("shm register: '..' key", KSERVE + "SystemSharedMemoryRegister",
+         shm_register(name="fz", key=f"../../tmp/{token}", byte_size=8), {INVALID}),
+        ("shm register: NUL in key", KSERVE + "SystemSharedMemoryRegister",
+         shm_register(name="fz", key=f"/{token}\x00", byte_size=8), {INVALID}),
+        ("shm register: missing object", KSERVE + "SystemSharedMemoryRegister",
+         shm_register(name="fz", key=f"/{token}", byte_size=8), {INVALID}),
+        ("shm register: uint64-max offset and size", KSERVE + "SystemSharedMemoryRegister",
+         shm_register(name="fz", key=f"/{token}", offset=2**64 - 1, byte_size=2**64 - 1), {INVALID}),
+        ("shm register: empty name", KSERVE + "SystemSharedMemoryRegister", shm_register(key="/x", byte_size=8),
+         {INVALID}),
+        ("shm status: unknown region", KSERVE + "SystemSharedMemoryStatus",
+         kpb.SystemSharedMemoryStatusRequest(name="fz-unknown"), {NOT_FOUND}),
+        ("shm unregister: unknown region is a no-op", KSERVE + "SystemSharedMemoryUnregister",
+         kpb.SystemSharedMemoryUnregisterRequest(name="fz-unknown"), {OK}),
+        ("ModelInfer: unknown shm region", KSERVE + "ModelInfer",
+         shm_input({"shared_memory_region": "fz-unknown", "shared_memory_byte_size": 48}), {INVALID}),
+        ("ModelInfer: shm byte size of the wrong type", KSERVE + "ModelInfer",
+         shm_input({"shared_memory_region": "fz-unknown", "shared_memory_byte_size": "48"}), {INVALID}),
+        ("ModelInfer: shm size without a region", KSERVE + "ModelInfer",
+         shm_input({"shared_memory_byte_size": 48}), {INVALID}),
+        ("ModelInfer: negative shm offset", KSERVE + "ModelInfer",
+         shm_input({"shared_memory_region": "fz-unknown", "shared_memory_byte_size": 48,
+                    "shared_memory_offset": -(2**63)}), {INVALID}),
+        ("ModelStatistics: unknown model", KSERVE + "ModelStatistics", kpb.ModelStatisticsRequest(name="fz-nope"),
+         {NOT_FOUND}),
+        ("ModelStatistics: unknown version", KSERVE + "ModelStatistics",
+         kpb.ModelStatisticsRequest(name=BASE_MODEL, version="9"), {NOT_FOUND}),
+        ("RepositoryIndex: unknown repository", KSERVE + "RepositoryIndex",
+         kpb.RepositoryIndexRequest(repository_name="fz-nope"), {NOT_FOUND}),
+        ("RegisterModel: negative batch size", CONV + "RegisterModel", batching(max_batch_size=-1), {INVALID}),
+        ("RegisterModel: int64-max batch size", CONV + "RegisterModel", batching(max_batch_size=2**63 - 1),
+         {INVALID}),
+        ("RegisterModel: preferred over max", CONV + "RegisterModel",
+         batching(max_batch_size=2, preferred_batch_size=[3]), {INVALID}),
+        ("RegisterModel: hour-long queue delay", CONV + "RegisterModel",
+         batching(max_queue_delay_microseconds=3_600_000_000), {INVALID}),
+        ("RegisterModel: negative queue delay", CONV + "RegisterModel",
+         batching(max_queue_delay_microseconds=-(2**63)), {INVALID}),
     ]
     for name in hostile_names(token):
         cases.append((f"RegisterModel name {name!r}", CONV + "RegisterModel", register(name), {INVALID}))

@@ -6,7 +6,6 @@ import signal
 import sys
 import threading
 
-from ._app import create_server
 from ._config import ServerConfig, _default_repository
 from ._hardening import add_arguments, apply_arguments
 
@@ -20,6 +19,17 @@ def _positive_int(text):
     return value
 
 
+def _finite_seconds(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _port(text):
     value = int(text)
     if not 0 <= value < 65536:
@@ -29,6 +39,11 @@ def _port(text):
 
 def parse_args(argv=None):
     """Parse the command line into (address, ServerConfig, port_file, log_level)."""
+    return _parse(argv)[0]
+
+
+def _parse(argv):
+    """((address, ServerConfig, port_file, log_level), the parsed flags)."""
     defaults = ServerConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m server", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,20 +52,35 @@ def parse_args(argv=None):
     p.add_argument("--model-repository", default=_default_repository(), metavar="DIR",
                    help="folder of registered models ($CONVSERVICE_MODEL_REPOSITORY overrides the default)")
     p.add_argument("--workers", type=_positive_int, default=defaults["workers"].default, metavar="N",
-                   help="threads serving RPCs (compute runs on its own bounded executor)")
+                   help="threads serving RPCs (each call is decoded, computed and encoded on one)")
     p.add_argument("--max-message-mb", type=_positive_int, default=defaults["max_message_mb"].default, metavar="MB",
                    help="largest request/response message, MiB")
     p.add_argument("--omp-threads", type=_positive_int, default=None, metavar="N",
                    help="OpenMP threads per convolution; %(default)s = convcore's choice (all usable cores)")
     p.add_argument("--compute-slots", type=_positive_int, default=None, metavar="N",
                    help="convolutions at once; %(default)s = usable cores // OpenMP threads")
+    p.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES, default=None,
+                   help="what idle OpenMP threads do between convolutions: passive (sleep at once, the default "
+                        "unless $OMP_WAIT_POLICY or $GOMP_SPINCOUNT is set) leaves the cores to gRPC's threads; "
+                        "active spins (lowest latency for back-to-back large calls, burns a core)")
     p.add_argument("--grace", type=float, default=defaults["grace_seconds"].default, metavar="SECONDS",
                    help="seconds in-flight calls may take to finish on shutdown")
     p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
                    metavar="N",
                    help="max_batch_size of every model in the KServe v2 / Triton API")
+    p.add_argument("--max-queue-delay-microseconds", type=_nonnegative_int,
+                   default=defaults["batch_max_queue_delay_microseconds"].default, metavar="US",
+                   help="dynamic batching: default max_queue_delay_microseconds of models registered with batching "
+                        "(their max_batch_size defaults to --max-batch-size)")
+    p.add_argument("--preferred-batch-size", type=_positive_int, nargs="+", default=[], metavar="N",
+                   help="dynamic batching: default preferred_batch_size of models registered with batching")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="turn off Triton's system shared-memory extension (its RPCs answer UNIMPLEMENTED)")
     p.add_argument("--metrics-port", type=_port, default=8002, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: pick a free one)")
+    p.add_argument("--max-connection-age", type=_finite_seconds, default=None, metavar="SECONDS",
+                   help="end each client connection after this age (GOAWAY), so clients reconnect and reach new "
+                        "replicas (unset: never)")
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="write the bound port to PATH once serving (useful with --port 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -64,8 +94,43 @@ def parse_args(argv=None):
     config = ServerConfig(model_repository=args.model_repository, workers=args.workers,
                           max_message_mb=args.max_message_mb, omp_threads=args.omp_threads,
                           compute_slots=args.compute_slots, grace_seconds=args.grace,
-                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port, **hardening)
-    return f"{host}:{args.port}", config, args.port_file, args.log_level
+                          kserve_max_batch_size=args.max_batch_size, metrics_port=args.metrics_port,
+                          max_connection_age=args.max_connection_age,
+                          batch_max_queue_delay_microseconds=args.max_queue_delay_microseconds,
+                          batch_preferred_batch_size=tuple(args.preferred_batch_size),
+                          shared_memory=not args.no_shared_memory, **hardening)
+    try:
+        config.batching_defaults()
+    except ValueError as exc:
+        p.error(str(exc))
+    return (f"{host}:{args.port}", config, args.port_file, args.log_level), args
+
+
+#: --omp-wait values; each is an OMP_WAIT_POLICY, which every OpenMP runtime reads once, when it starts.
+OMP_WAIT_CHOICES = ("passive", "active")
+
+
+def configure_openmp(policy, environ=os.environ):
+    """Set the OpenMP wait policy for this process; must run before convcore (the OpenMP runtime) is imported.
+
+    Why passive by default: a server's OpenMP workers that spin after each call (libgomp spins ~300k iterations,
+    milliseconds) take the cores that gRPC's threads need to receive the next request and send this answer; with
+    2 cores, the issue-10 measurements showed up to 3x the CPU per request for the same calls. An explicit
+    ``policy`` wins over the environment; without one, an OMP_WAIT_POLICY or GOMP_SPINCOUNT already set is kept.
+    Returns the policy in force (or a description of the environment's).
+    """
+    if "convcore" in sys.modules:
+        raise RuntimeError("configure_openmp must run before convcore is imported (the OpenMP runtime reads the "
+                           "wait policy once, when it starts)")
+    if policy is None:
+        if environ.get("OMP_WAIT_POLICY") or environ.get("GOMP_SPINCOUNT"):
+            return "from the environment (" + ", ".join(f"{k}={environ[k]}" for k in ("OMP_WAIT_POLICY",
+                                                                                     "GOMP_SPINCOUNT")
+                                                        if environ.get(k)) + ")"
+        policy = "passive"
+    environ["OMP_WAIT_POLICY"] = policy
+    environ.pop("GOMP_SPINCOUNT", None)  # libgomp lets it override the policy
+    return policy
 
 
 def _write_port_file(path, port):
@@ -77,8 +142,11 @@ def _write_port_file(path, port):
 
 def main(argv=None):
     """Run the server; return the process exit code."""
-    address, config, port_file, log_level = parse_args(argv)
+    (address, config, port_file, log_level), args = _parse(argv)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    omp_wait = configure_openmp(args.omp_wait)
+    from ._app import create_server  # imports convcore, which starts the OpenMP runtime: after configure_openmp
+    log.info("OpenMP wait policy: %s", omp_wait)
     stop = threading.Event()
     received = []
 

@@ -8,17 +8,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import convcore
-from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
-from convproto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from convproto.convservice.v1 import conv_pb2
+from convproto.inference import grpc_service_pb2
 
 from ._compute import ComputeExecutor
 from ._config import DEFAULT_ADDRESS, MIB, ServerConfig
-from ._engine import Engine
 from ._errors import ErrorMappingInterceptor
 from ._hardening import hardening_interceptors, request_limit_options
 from ._kserve import KServeServicer
 from ._metrics import MetricsInterceptor, ServerMetrics, serve_metrics
 from ._repository import ModelRepository
+from ._service import InferenceService
+from ._shm import SharedMemoryRegistry
 from ._servicer import ConvServicer
 
 __all__ = ["create_server", "ConvServer", "SERVICE_NAMES"]
@@ -54,6 +55,7 @@ class ConvServer:
         self.metrics_port = None  # the bound HTTP port of /metrics, when served
         self._metrics_httpd = None
         self._stopping = False
+        self.shared_memory = None  # the SharedMemoryRegistry, unless --no-shared-memory
 
     def __getattr__(self, name):
         return getattr(self._server, name)
@@ -75,6 +77,8 @@ class ConvServer:
         def _release_executor():
             done.wait()
             self.executor.shutdown(wait=False)
+            if self.shared_memory is not None:  # every region, also those a crashed client left registered
+                self.shared_memory.close()
             if self._metrics_httpd is not None:  # kept up while calls drain, so the drain can be watched
                 self._metrics_httpd.shutdown()
                 self._metrics_httpd.server_close()
@@ -112,12 +116,16 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     """
     config = config or ServerConfig()
     repository = ModelRepository(config.model_repository, plan_cache_size=config.plan_cache_size,
-                                 max_models=config.max_models, max_layers=config.max_layers)
+                                 max_models=config.max_models, max_layers=config.max_layers,
+                                 batching_defaults=config.batching_defaults())
     loaded, skipped = repository.load_all()
     metrics = ServerMetrics()
     metrics.track_models(lambda: len(repository.names()))
     executor = ComputeExecutor(config.omp_threads, config.compute_slots, observe=metrics.observe_job)
-    engine = Engine(repository, executor, config.max_message_bytes, max_output_bytes=config.max_output_mb * MIB)
+    service = InferenceService(repository, executor, config.max_message_bytes,
+                               max_output_bytes=config.max_output_mb * MIB, max_layers=config.max_layers,
+                               metrics=metrics)
+    shared_memory = SharedMemoryRegistry() if config.shared_memory else None
 
     limit = config.max_message_bytes
     options = [
@@ -127,7 +135,7 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ] + request_limit_options(config) + list(config.grpc_options)
+    ] + request_limit_options(config) + config.connection_age_options + list(config.grpc_options)
     grpc_server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
         # Metrics outside the error mapping, so they record the status the client gets.
@@ -139,10 +147,11 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     )
     health_servicer = health.HealthServicer()
     server = ConvServer(grpc_server, config, repository, executor, health_servicer, metrics)
+    server.shared_memory = shared_memory
 
-    conv_pb2_grpc.add_ConvServiceServicer_to_server(ConvServicer(engine), grpc_server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(engine, config.kserve_max_batch_size, VERSION, lambda: server.ready), grpc_server)
+    ConvServicer(service).add_to_server(grpc_server)
+    KServeServicer(service, config.kserve_max_batch_size, VERSION, lambda: server.ready,
+                   shared_memory=shared_memory).add_to_server(grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for name in ("",) + SERVICE_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

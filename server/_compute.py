@@ -1,14 +1,21 @@
-"""The bounded executor that runs convolutions, sized against the OpenMP team, with cancellation and buffer reuse.
+"""Where convolutions run: compute slots counted in CPUs, on the RPC's own thread, with cancellation and buffer reuse.
 
-Why a separate executor: each convcore call runs an OpenMP team of T threads with the GIL released. If every gRPC
-worker thread computed directly, W workers x T OpenMP threads would fight over the cores (2 here). So RPC threads
-only decode and encode; convolutions run on `slots = usable cores // T` threads (at least 1) and queue otherwise.
+Why slots: each convcore call runs an OpenMP team with the GIL released. If every gRPC worker thread computed
+whenever it liked, W workers x T OpenMP threads would fight over the cores (2 here). So a job first takes as many
+CPU units as the OpenMP threads it will use (1 for a small layer, which convcore runs on one thread; the team for a
+large one) out of ``usable cores`` (or ``--compute-slots`` x team). When fewer are free it starts with those, on
+fewer threads (work-conserving: a busy server runs two one-thread jobs side by side rather than one two-thread job
+and a queue); with none free it waits in FIFO order.
+
+Why on the RPC's own thread: handing the job to another thread and back costs two wake-ups and two GIL hand-offs
+per call (0.15 ms on a small layer, more under load: measured in BENCHMARKS.md, issue 10). When the units are free
+the RPC thread computes at once; the gRPC worker pool (``--workers``) already bounds how many calls are handled at
+the same time.
 
 Cancellation: when an RPC ends early (client gone, deadline passed) gRPC calls our callback, which drops the job if
-it is still queued and flags it if it is running; a running model checks the flag between layers.
+it is still waiting for units and flags it if it is running; a running model checks the flag between layers.
 """
 import collections
-import concurrent.futures
 import logging
 import threading
 import time
@@ -19,75 +26,84 @@ import convcore
 
 from ._errors import RequestCancelled
 
-__all__ = ["ComputeExecutor", "CancelToken", "thread_buffer"]
+__all__ = ["BufferPool", "CancelToken", "ComputeExecutor"]
 
 log = logging.getLogger("server")
 
-#: Output buffers are reused per compute thread up to this many bytes in total (large ones are not kept), because
-#: a fresh large allocation page-faults all of its memory on every call (see PERF-NOTES, "glibc allocation").
+#: Intermediate outputs of layer stacks are reused up to this many bytes in total (larger ones are not kept),
+#: because a fresh large allocation page-faults all of its memory on every call (PERF-NOTES, "glibc allocation").
 _POOL_BYTES = 128 << 20
 _POOL_MAX_ARRAY = 32 << 20
 
-_local = threading.local()
+_CANCELLED = "the client cancelled the call or its deadline passed"
 
 
-def thread_buffer(key, shape, dtype):
-    """Return a C-contiguous writable array of `shape`/`dtype` owned by the calling compute thread.
+class BufferPool:
+    """Arrays reused between jobs, shared by every thread (a job takes them, and gives them back when it ends)."""
 
-    Safe to reuse because a compute job turns its result into bytes before it returns, and a buffer never leaves
-    the thread that owns it. `key` distinguishes buffers that are alive at the same time (e.g. one per layer).
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes > _POOL_MAX_ARRAY:
+    def __init__(self, max_bytes=_POOL_BYTES, max_array=_POOL_MAX_ARRAY):
+        self._free = collections.defaultdict(list)  # (shape, dtype.str) -> arrays not in use
+        self._bytes = 0
+        self._max_bytes, self._max_array = max_bytes, max_array
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype):
+        """A C-contiguous writable array of `shape`/`dtype`, from the pool when one is free."""
+        dtype = np.dtype(dtype)
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype.str))
+            if free:
+                array = free.pop()
+                self._bytes -= array.nbytes
+                return array
         return np.empty(shape, dtype)
-    pool = getattr(_local, "pool", None)
-    if pool is None:
-        pool = _local.pool = collections.OrderedDict()
-    full_key = (key, tuple(shape), dtype.str)
-    buf = pool.get(full_key)
-    if buf is None:
-        buf = np.empty(shape, dtype)
-        pool[full_key] = buf
-        total = sum(b.nbytes for b in pool.values())
-        while total > _POOL_BYTES and len(pool) > 1:
-            _, old = pool.popitem(last=False)
-            total -= old.nbytes
-    else:
-        pool.move_to_end(full_key)
-    return buf
+
+    def give(self, arrays):
+        """Return arrays taken with `take`; kept while the pool is under its size limits."""
+        with self._lock:
+            for array in arrays:
+                if array.nbytes <= self._max_array and self._bytes + array.nbytes <= self._max_bytes:
+                    self._free[(array.shape, array.dtype.str)].append(array)
+                    self._bytes += array.nbytes
 
 
 class CancelToken:
-    """Set when the RPC that submitted a job has ended; a job checks it between steps."""
+    """Set when the RPC that submitted a job has ended; a job checks it between steps.
 
-    __slots__ = ("_event",)
+    A plain attribute, not a threading.Event: it is only polled, never waited on, and one is made per call.
+    """
+
+    __slots__ = ("cancelled",)
 
     def __init__(self):
-        self._event = threading.Event()
+        self.cancelled = False
 
     def cancel(self):
-        self._event.set()
-
-    @property
-    def cancelled(self):
-        return self._event.is_set()
+        self.cancelled = True
 
     def check(self):
         """Raise RequestCancelled if the RPC has ended."""
-        if self._event.is_set():
-            raise RequestCancelled("the client cancelled the call or its deadline passed")
+        if self.cancelled:
+            raise RequestCancelled(_CANCELLED)
+
+
+class _Waiter:
+    __slots__ = ("units", "event", "granted")
+
+    def __init__(self, units):
+        self.units, self.event, self.granted = units, threading.Event(), 0
 
 
 class ComputeExecutor:
-    """Run compute jobs on a bounded pool sized so that slots x OpenMP threads <= usable cores.
+    """Run compute jobs on the calling thread once they hold their CPU units; slots x OpenMP threads <= usable cores.
 
     Parameters
     ----------
     omp_threads : int or None
         OpenMP threads per convolution (None: convcore's choice, i.e. all usable cores).
     slots : int or None
-        Jobs running at once (None: usable cores // OpenMP threads, at least 1).
+        Jobs of a full team running at once (None: usable cores // OpenMP threads, at least 1). The CPU units are
+        ``slots x team``: as many one-thread jobs can run at once.
     observe : callable, optional
         ``observe(label, queued_seconds, run_seconds)`` after every job that started (metrics).
     """
@@ -101,41 +117,82 @@ class ComputeExecutor:
         cores = convcore.usable_cpus()
         self.team = team
         self.slots = slots or max(1, cores // team)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="compute")
+        self.units = self.slots * team
+        self.buffers = BufferPool()
+        self._free = self.units
+        self._waiters = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
 
-    def run(self, context, fn, *args, label=""):
-        """Run ``fn(token, *args)`` on the pool for the RPC `context`; return its result.
+    def run(self, context, fn, *args, threads=None, label=""):
+        """Run ``fn(token, granted, *args)`` for the RPC `context` on this thread once it holds CPU units.
 
-        `label` names the job in the metrics (the model name; "" for a one-off convolution).
-        Raises RequestCancelled if the RPC ends before the job completes (the job is dropped if still queued).
+        `threads` is the OpenMP threads the job would like (None: the team). It gets that many units when they are
+        free; when fewer are free it starts at once with those (`granted`, at least 1, is how many threads it may
+        use), because on a busy server two narrower jobs side by side keep the cores busier than one wide job and a
+        queue. With none free it waits in FIFO order. `label` names the job in the metrics (the model name; "" for
+        a one-off convolution). Raises RequestCancelled if the RPC ends before the job completes (the job is
+        dropped if it is still waiting).
         """
         if not context.is_active():
-            raise RequestCancelled("the client cancelled the call or its deadline passed")
+            raise RequestCancelled(_CANCELLED)
+        units = min(max(1, threads or self.team), self.units)
         token = CancelToken()
-        future = self._pool.submit(self._guarded, token, fn, args, label, time.perf_counter())
-
-        def on_rpc_done():
-            token.cancel()
-            # No effect once running (the token then stops a model between layers) or once done.
-            if future.cancel():
-                log.info("dropped a queued compute job: its call ended (cancelled or past its deadline)")
-
-        if not context.add_callback(on_rpc_done):
-            on_rpc_done()  # the RPC already terminated
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise RequestCancelled("the client cancelled the call or its deadline passed") from None
-
-    def _guarded(self, token, fn, args, label, submitted):
-        token.check()
-        if self._observe is None:
-            return fn(token, *args)
+        submitted = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise RequestCancelled("the server is shutting down")
+            waiter = None
+            if self._free >= 1 and not self._waiters:
+                granted = min(units, self._free)
+                self._free -= granted
+            else:
+                waiter = _Waiter(units)
+                self._waiters.append(waiter)
+        if waiter is None:
+            if not context.add_callback(token.cancel):
+                token.cancel()  # the RPC already terminated
+        else:
+            granted = self._wait(context, token, waiter)
         started = time.perf_counter()
         try:
-            return fn(token, *args)
+            token.check()
+            return fn(token, granted, *args)
         finally:
-            self._observe(label, started - submitted, time.perf_counter() - started)
+            self._release(granted)
+            if self._observe is not None:
+                self._observe(label, started - submitted, time.perf_counter() - started)
+
+    def _wait(self, context, token, waiter):
+        def on_rpc_done():
+            token.cancel()
+            waiter.event.set()
+
+        if not context.add_callback(on_rpc_done):
+            on_rpc_done()
+        waiter.event.wait()
+        with self._lock:
+            if waiter.granted:
+                return waiter.granted  # a cancel that raced the grant is seen by token.check(), which gives back
+            if waiter in self._waiters:  # not when shutdown() emptied the queue
+                self._waiters.remove(waiter)
+        log.info("dropped a queued compute job: its call ended (cancelled or past its deadline)")
+        raise RequestCancelled(_CANCELLED)
+
+    def _release(self, units):
+        with self._lock:
+            self._free += units
+            # FIFO: the longest waiter goes first, with what is free (at least one unit, at most what it asked).
+            while self._waiters and self._free >= 1 and not self._closed:
+                waiter = self._waiters.popleft()
+                waiter.granted = min(waiter.units, self._free)
+                self._free -= waiter.granted
+                waiter.event.set()
 
     def shutdown(self, wait=True):
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        """Refuse new jobs and drop the waiting ones (running jobs finish; their calls are drained by gRPC)."""
+        with self._lock:
+            self._closed = True
+            waiters, self._waiters = list(self._waiters), collections.deque()
+        for waiter in waiters:
+            waiter.event.set()

@@ -24,14 +24,15 @@ class ServerConfig:
     model_repository : str
         Folder holding the registered models (created if missing).
     workers : int
-        Threads serving RPCs (decoding, encoding, queueing). Compute does not run on them: it runs on a separate
-        executor of ``compute_slots`` threads, so these threads never multiply with the OpenMP team.
+        Threads serving RPCs: each call is decoded, computed and encoded on one of them. A call computes once it
+        holds CPU units (see ``compute_slots``), so these threads never multiply with the OpenMP team.
     max_message_mb : int
         Largest message accepted or sent, in MiB (gRPC's own default is 4 MiB).
     omp_threads : int or None
         OpenMP threads per convolution; None lets convcore choose (all usable cores, fewer for small work).
     compute_slots : int or None
-        Convolutions running at once; None: usable cores // OpenMP threads (at least 1), so that concurrent calls
+        Convolutions of a full OpenMP team running at once; None: usable cores // OpenMP threads (at least 1). The
+        CPU units are compute_slots x team, so as many one-thread convolutions run at once, and concurrent calls
         never oversubscribe the cores.
     grace_seconds : float
         On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled.
@@ -64,6 +65,15 @@ class ServerConfig:
         Require ``authorization: Bearer <token>`` on every RPC but health.
     read_only_models : bool
         Refuse RegisterModel/DeleteModel with PERMISSION_DENIED.
+    max_connection_age : float or None
+        Seconds after which the server ends each client connection (gRPC's ``grpc.max_connection_age_ms``, which
+        adds +-10% jitter; a GOAWAY), so long-lived clients reconnect, re-resolve DNS and reach new replicas. Calls in
+        flight on it may finish within ``default_deadline`` (the grace); None: connections live forever.
+    batch_max_queue_delay_microseconds, batch_preferred_batch_size : int, tuple of int
+        Defaults of a model registered with dynamic batching (its max_batch_size defaults to
+        ``kserve_max_batch_size``, which also caps it); models without batching compute each request alone.
+    shared_memory : bool
+        Serve Triton's system shared-memory extension.
     """
 
     model_repository: str = field(default_factory=_default_repository)
@@ -86,6 +96,16 @@ class ServerConfig:
     default_deadline: float | None = 300.0
     auth_token: str | None = None
     read_only_models: bool = False
+    max_connection_age: float | None = None
+    batch_max_queue_delay_microseconds: int = 500
+    batch_preferred_batch_size: tuple = ()
+    shared_memory: bool = True
+
+    def batching_defaults(self):
+        """The BatchingConfig a model registered with an empty ``batching`` gets (ValueError if the flags are bad)."""
+        from ._batcher import BatchingConfig
+        return BatchingConfig(self.kserve_max_batch_size, tuple(self.batch_preferred_batch_size),
+                              self.batch_max_queue_delay_microseconds)
 
     def __post_init__(self):
         for name in ("max_output_mb", "max_layers", "max_models", "max_in_flight"):
@@ -116,9 +136,28 @@ class ServerConfig:
         if self.max_message_mb > 2047:
             raise ValueError(f"ServerConfig.max_message_mb must be at most 2047 (gRPC's 2 GiB message limit), "
                              f"got {self.max_message_mb}")
+        if self.max_connection_age is not None and (isinstance(self.max_connection_age, bool)
+                                                    or not isinstance(self.max_connection_age, (int, float))
+                                                    or not 0 < self.max_connection_age < float("inf")):
+            raise ValueError(f"ServerConfig.max_connection_age must be a finite number > 0 of seconds or None, got "
+                             f"{self.max_connection_age!r}")
         if not self.grace_seconds >= 0:
             raise ValueError(f"ServerConfig.grace_seconds must be >= 0, got {self.grace_seconds!r}")
 
     @property
     def max_message_bytes(self):
         return self.max_message_mb * MIB
+
+    @property
+    def connection_age_options(self):
+        """gRPC server options for ``max_connection_age`` (none when it is None)."""
+        if self.max_connection_age is None:
+            return []
+        # The grace bounds calls in flight when the GOAWAY is sent; a call cannot outlive the default deadline anyway
+        # (unless its client set a longer one), so that is the grace. No default deadline: gRPC's, unlimited.
+        def ms(seconds):  # gRPC takes a C int of milliseconds; 2**31-1 ms (24.8 days) is as good as never
+            return int(min(max(1, round(seconds * 1000)), 2**31 - 1))
+
+        grace = [] if self.default_deadline is None else [("grpc.max_connection_age_grace_ms",
+                                                            ms(self.default_deadline))]
+        return [("grpc.max_connection_age_ms", ms(self.max_connection_age))] + grace

@@ -7,6 +7,8 @@ What is measured, and where:
   encode; not the transport).
 - ``convserver_queue_duration_seconds{model}`` and ``convserver_compute_duration_seconds{model}``: how long a
   compute job waited for a compute slot, and how long it ran. The executor measures these around the job.
+- ``convserver_batch_size{model}`` (rows per computed batch) and ``convserver_batching_queue_duration_seconds{model}``
+  (a request's wait for its batch to be dispatched), for models registered with dynamic batching.
 - ``convserver_in_flight_requests{grpc_service, grpc_method}``, ``convserver_loaded_models``,
   ``convserver_received_bytes_total`` / ``convserver_sent_bytes_total{grpc_service, grpc_method}`` (serialized
   message sizes, measured in the (de)serializers, so no message is sized twice).
@@ -29,6 +31,9 @@ log = logging.getLogger("server")
 #: Seconds. From a small call on loopback (~0.5 ms) to a large batch (tens of seconds).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
+
+#: Rows per batch: powers of two up to the largest --max-batch-size anyone would set.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 #: RPCs whose request names a model: full method -> request field holding the name.
 _MODEL_FIELD = {
@@ -72,6 +77,12 @@ class ServerMetrics:
                                 ["grpc_service", "grpc_method"], registry=r)
         self.bytes_out = Counter("convserver_sent_bytes", "Serialized response bytes sent",
                                  ["grpc_service", "grpc_method"], registry=r)
+        self.batch_size = Histogram("convserver_batch_size", "Rows per computed batch (models with dynamic batching)",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batching_queue = Histogram("convserver_batching_queue_duration_seconds",
+                                        "Time a request waited for its dynamic batch to be dispatched",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self._job_children = {}  # model -> (queue, compute) label children
 
     def track_models(self, count):
         """Report ``count()`` (a callable) as the number of loaded models, read at every scrape."""
@@ -79,16 +90,30 @@ class ServerMetrics:
 
     def observe_job(self, model, queued, ran):
         """Record one compute job: seconds waiting for a slot, seconds running (the executor calls this)."""
+        children = self._job_children.get(model)
+        if children is None:  # .labels() takes a lock and builds a key: once per model, not per call
+            children = self._job_children[model] = (self.queue.labels(model), self.compute.labels(model))
         if queued is not None:
-            self.queue.labels(model).observe(queued)
-        self.compute.labels(model).observe(ran)
+            children[0].observe(queued)
+        children[1].observe(ran)
+
+    def observe_batch(self, model, rows):
+        """Record one batch of `rows` computed for `model` (the dynamic batcher calls this)."""
+        self.batch_size.labels(model).observe(rows)
+
+    def observe_batching_queue(self, model, seconds):
+        """Record how long one request waited for its batch."""
+        self.batching_queue.labels(model).observe(seconds)
 
     def forget_model(self, name):
         """Drop the series of model ``name`` (it was deleted)."""
         for full_method in _MODEL_FIELD:
             self.duration.remove(*_split(full_method), name)
+        self._job_children.pop(name, None)
         self.queue.remove(name)
         self.compute.remove(name)
+        self.batch_size.remove(name)
+        self.batching_queue.remove(name)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

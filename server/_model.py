@@ -1,18 +1,23 @@
-"""A registered model: a stack of conv layers checked once at registration, with convcore plans cached per shape."""
+"""A registered model: a stack of conv layers checked once at registration, and what it needs per input shape
+(plans, output shapes, size checks, thread count) computed once per (model, shape) and cached.
+
+Plain values only: arrays, dicts of convcore keywords, tuples. The servicers' codecs turn protobuf into these and
+back; nothing here knows the wire format.
+"""
 import collections
+import math
 import re
 import threading
 
 import numpy as np
 
 import convcore
-from convproto.convservice.v1 import conv_pb2
 
-from ._codec import DTYPES, decode_spec, decode_tensor
-from ._compute import thread_buffer
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, LimitExceeded
 
-__all__ = ["Model", "check_model_name", "MODEL_NAME_PATTERN"]
+__all__ = ["Layer", "Model", "Route", "check_model_name", "MODEL_NAME_PATTERN"]
+
+MIB = 1 << 20
 
 #: Names become file names in the repository: no separators, no leading dot, so nothing can escape the folder.
 MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -43,22 +48,35 @@ def _check_finite(field, weights):
                               f"must be finite (a one-off Conv accepts them as data)")
 
 
-class _Layer:
-    __slots__ = ("kernel", "bias", "options", "spec")
+class Layer:
+    """One conv layer of a model: `kernel` and `bias` (arrays, bias may be None) and convcore keyword `options`."""
 
-    def __init__(self, kernel, bias, options, spec):
-        self.kernel, self.bias, self.options, self.spec = kernel, bias, options, spec
+    __slots__ = ("kernel", "bias", "options")
+
+    def __init__(self, kernel, bias, options):
+        self.kernel, self.bias, self.options = kernel, bias, options
+
+
+class Route:
+    """What running a model on one input shape takes, worked out once: the plans, every layer's output shape, the
+    final shape and size, and the OpenMP threads the largest layer uses (the compute slots it occupies)."""
+
+    __slots__ = ("plans", "shapes", "output_shape", "threads", "checked")
+
+    def __init__(self, plans, shapes, threads):
+        self.plans, self.shapes, self.threads = plans, shapes, threads
+        self.output_shape = shapes[-1]
+        self.checked = False  # set once the service has checked the output against its limits
 
 
 class Model:
     """A checked stack of conv layers (each output feeds the next), ready to run.
 
-    Build it with `Model.from_request`; every check happens there, so a Model that exists can run any input whose
-    channels, dtype and rank match (spatial sizes are checked per call, by convcore).
+    Build it with `Model.build`; every check happens there, so a Model that exists can run any input whose
+    channels, dtype and rank match (spatial sizes are checked once per input shape, in `route`).
     """
 
-    def __init__(self, name, layers, dtype, in_channels, out_channels, nsp, channels_last, request,
-                 plan_cache_size=8):
+    def __init__(self, name, layers, dtype, in_channels, out_channels, nsp, channels_last, plan_cache_size=8):
         self.name = name
         self.layers = layers
         self.dtype = dtype
@@ -66,37 +84,35 @@ class Model:
         self.out_channels = out_channels
         self.nsp = nsp
         self.channels_last = channels_last
-        self.request = request  # the RegisterModelRequest it came from: what the repository stores
-        self._plans = collections.OrderedDict()
+        self.batching = None  # a BatchingConfig when registered with dynamic batching (set by the repository)
+        self.batching_request = None  # the batching dict as registered (zeros = server defaults), what is stored
+        self.batcher = None  # its DynamicBatcher, made by the service on first use
+        self._plans = collections.OrderedDict()   # (input shape without batch, threads) -> plans (any batch)
+        self._routes = collections.OrderedDict()  # (full input shape, threads) -> Route
         self._plan_cache_size = plan_cache_size
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_request(cls, request, *, plan_cache_size=8):
-        """Check a RegisterModelRequest and build the Model.
+    def build(cls, name, layers, *, plan_cache_size=8):
+        """Check a model (`name`, a list of `Layer`) and build it.
 
         Raises
         ------
         InvalidArgument, ValueError, TypeError
             With a message naming the field (``layers[1].kernel`` ...), the value and what was expected.
         """
-        name = check_model_name(request.name)
-        if not request.layers:
+        name = check_model_name(name)
+        if not layers:
             raise InvalidArgument("layers must hold at least one layer, got none")
-        layers = []
         dtype = nsp = channels_last = None
         in_channels = channels = None
-        for i, msg in enumerate(request.layers):
+        for i, layer in enumerate(layers):
             field = f"layers[{i}]"
-            if not msg.HasField("kernel"):
-                raise InvalidArgument(f"{field}.kernel is missing: every layer needs a kernel")
-            kernel = decode_tensor(f"{field}.kernel", msg.kernel)
-            bias = decode_tensor(f"{field}.bias", msg.bias) if msg.HasField("bias") else None
+            kernel, bias, options = layer.kernel, layer.bias, layer.options
             _check_finite(f"{field}.kernel", kernel)
             if bias is not None:
                 _check_finite(f"{field}.bias", bias)
-            options = decode_spec(f"{field}.spec", msg.spec)
             if dtype is None:
                 dtype = kernel.dtype
             if kernel.dtype != dtype or (bias is not None and bias.dtype != dtype):
@@ -121,8 +137,7 @@ class Model:
             channels = cls._check_layer(field, kernel, bias, options, nsp, channels_last, channels)
             if in_channels is None:
                 in_channels = cls._input_channels(kernel, options, channels_last)
-            layers.append(_Layer(kernel, bias, options, msg.spec))
-        return cls(name, layers, dtype, in_channels, channels, nsp, channels_last, request, plan_cache_size)
+        return cls(name, list(layers), dtype, in_channels, channels, nsp, channels_last, plan_cache_size)
 
     @staticmethod
     def _input_channels(kernel, options, channels_last):
@@ -158,22 +173,14 @@ class Model:
         return out[-1] if channels_last else out[1]
 
     # ------------------------------------------------------------------ describing
-    @property
-    def datatype(self):
-        """The KServe v2 datatype name of the model's tensors."""
-        return "FP32" if self.dtype == np.float32 else "FP64"
+    def layout_name(self):
+        """``NCHW``, ``NHWC``, ``NCW``, ... for this model's rank and channel axis."""
+        return ("N" + "DHW"[3 - self.nsp:] + "C") if self.channels_last else ("NC" + "DHW"[3 - self.nsp:])
 
-    @property
-    def wire_dtype(self):
-        return next(k for k, v in DTYPES.items() if v == self.dtype)
-
-    def info(self):
-        """The model as a `ModelInfo` message (specs and shapes, not weights)."""
-        return conv_pb2.ModelInfo(
-            name=self.name, dtype=self.wire_dtype, input_channels=self.in_channels,
-            output_channels=self.out_channels, spatial_dims=self.nsp, channels_last=self.channels_last,
-            layers=[conv_pb2.ModelInfo.LayerInfo(spec=layer.spec, kernel_shape=layer.kernel.shape,
-                                                 has_bias=layer.bias is not None) for layer in self.layers])
+    def dims(self, channels):
+        """Per-sample dims (no batch) with the channel count fixed and every spatial size variable (-1)."""
+        spatial = [-1] * self.nsp
+        return spatial + [channels] if self.channels_last else [channels] + spatial
 
     # ------------------------------------------------------------------ running
     def check_input(self, x, field="input"):
@@ -182,27 +189,24 @@ class Model:
             raise InvalidArgument(f"{field} has dtype {x.dtype.name}, model {self.name!r} takes {self.dtype.name}")
         if x.ndim != self.nsp + 2:
             raise InvalidArgument(f"{field} has shape {list(x.shape)}, model {self.name!r} takes rank-{self.nsp + 2} "
-                                  f"inputs ({self._layout_name()})")
+                                  f"inputs ({self.layout_name()})")
         channels = x.shape[-1] if self.channels_last else x.shape[1]
         if channels != self.in_channels:
-            raise InvalidArgument(f"{field} has {channels} channels (shape {list(x.shape)}, {self._layout_name()}), "
+            raise InvalidArgument(f"{field} has {channels} channels (shape {list(x.shape)}, {self.layout_name()}), "
                                   f"model {self.name!r} takes {self.in_channels}")
         if x.shape[0] < 1:
             raise InvalidArgument(f"{field} has an empty batch dimension, shape {list(x.shape)}")
 
-    def _layout_name(self):
-        return ("N" + "DHW"[3 - self.nsp:] + "C") if self.channels_last else ("NC" + "DHW"[3 - self.nsp:])
-
     def plans(self, x_shape, num_threads=None):
         """The convcore plans of every layer for inputs shaped like `x_shape` (any batch), built once and cached."""
-        key = tuple(x_shape[1:])
+        key = (tuple(x_shape[1:]), num_threads)
         with self._lock:
             plans = self._plans.get(key)
             if plans is not None:
                 self._plans.move_to_end(key)
                 return plans
         plans = []
-        shape = (1, *key)
+        shape = (1, *key[0])
         for i, layer in enumerate(self.layers):
             try:
                 plan = convcore.make_plan(shape, layer.kernel, layer.bias, num_threads=num_threads,
@@ -218,18 +222,49 @@ class Model:
                 self._plans.popitem(last=False)
         return plans
 
-    def output_shape(self, x_shape, num_threads=None):
-        """Shape of the model's output for an input of `x_shape` (also builds and caches the plans)."""
-        return tuple(self.plans(x_shape, num_threads)[-1].output_shape(x_shape[0]))
+    def route(self, x_shape, num_threads=None, max_output_bytes=None):
+        """The `Route` for an input of `x_shape` (checked with `check_input` first), built once per shape.
 
-    def run(self, token, x, num_threads=None):
-        """Run every layer in order on compute-thread buffers; return the output as (bytes, shape).
-
-        `token` is checked between layers so that a call whose client has gone stops being worked on.
+        Raises LimitExceeded before any plan is built when a layer's output would exceed `max_output_bytes` (every
+        layer's output is allocated, not only the last one's), and InvalidArgument for a shape the layers refuse.
         """
-        plans = self.plans(x.shape, num_threads)
-        for i, plan in enumerate(plans):
+        key = (tuple(x_shape), num_threads, max_output_bytes)
+        route = self._routes.get(key)  # a dict read is atomic; misses are built twice at worst
+        if route is not None:
+            return route
+        if max_output_bytes is not None:
+            self._check_layer_outputs(x_shape, max_output_bytes)
+        plans = self.plans(x_shape, num_threads)
+        n = x_shape[0]
+        shapes = tuple(tuple(plan.output_shape(n)) for plan in plans)
+        threads = max(convcore.resolve_num_threads(num_threads, flops=plan.geometry.flops(n)) for plan in plans)
+        route = Route(plans, shapes, threads)
+        with self._lock:
+            self._routes[key] = route
+            while len(self._routes) > 4 * self._plan_cache_size:
+                self._routes.popitem(last=False)
+        return route
+
+    def _check_layer_outputs(self, x_shape, max_output_bytes):
+        shape = tuple(x_shape)
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = convcore.output_shape(shape, layer.kernel.shape, **layer.options)
+            except (ValueError, TypeError):
+                return  # left to the plans, which name the layer
+            nbytes = math.prod(shape) * self.dtype.itemsize
+            if nbytes > max_output_bytes:
+                raise LimitExceeded(
+                    f"layers[{i}] of model {self.name!r} would output {nbytes} bytes (shape {list(shape)}) for an "
+                    f"input of shape {list(x_shape)}, over the server's output limit of "
+                    f"{max_output_bytes / MIB:g} MiB; send a smaller input, or start the server with a larger "
+                    f"--max-output-mb")
+
+    def run(self, token, route, x, out, buffers):
+        """Run every layer of `route` in order, the last one into `out`; `buffers(key, shape, dtype)` gives the
+        intermediate outputs. `token` is checked between layers, so that a call whose client has gone stops."""
+        last = len(route.plans) - 1
+        for i, plan in enumerate(route.plans):
             token.check()
-            out = thread_buffer((id(self), i), plan.output_shape(x.shape[0]), self.dtype)
-            x = plan.run(x, out=out)
-        return x.tobytes(), x.shape
+            x = plan.run(x, out=out if i == last else buffers((id(self), i), route.shapes[i], self.dtype))
+        return out

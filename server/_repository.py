@@ -1,7 +1,7 @@
 """The model repository: registered models kept on disk, one file each, loaded at start-up.
 
-File format (`<name>.convmodel`): an 8-byte magic, the SHA-256 of the payload, then the payload — the
-RegisterModelRequest exactly as received (specs + weights). The digest makes a truncated or damaged file detectable
+File format (`<name>.convmodel`): an 8-byte magic, the SHA-256 of the payload, then the payload — the model as a
+serialized RegisterModelRequest (specs + weights; `_codec.encode_model`, deterministic). The digest makes a truncated or damaged file detectable
 (protobuf alone happily parses many truncations); such a file is logged and skipped at start-up, never a crash.
 
 Writes are atomic: a temporary file in the same folder, fsync, rename over the old file, fsync of the folder. A
@@ -15,8 +15,8 @@ import tempfile
 import threading
 import time
 
-from convproto.convservice.v1 import conv_pb2
-
+from ._batcher import resolve_batching
+from ._codec import decode_model_file, encode_model
 from ._errors import LimitExceeded, ModelExists, ModelNotFound, RepositoryError
 from ._limits import check_count
 from ._model import Model, check_model_name
@@ -35,8 +35,8 @@ class CorruptModelFile(Exception):
     """A repository file that cannot be a model we wrote."""
 
 
-def _encode(request):
-    payload = request.SerializeToString(deterministic=True)
+def _encode(model):
+    payload = encode_model(model)
     return _MAGIC + hashlib.sha256(payload).digest() + payload
 
 
@@ -47,9 +47,7 @@ def _decode(blob):
     payload = memoryview(blob)[len(_MAGIC) + _DIGEST:]
     if hashlib.sha256(payload).digest() != digest:
         raise CorruptModelFile("checksum mismatch (truncated or damaged)")
-    request = conv_pb2.RegisterModelRequest()
-    request.ParseFromString(payload)
-    return request
+    return decode_model_file(payload)
 
 
 def _write_error(root, exc):
@@ -95,8 +93,9 @@ class ModelRepository:
         Plans kept per model (see `Model.plans`).
     """
 
-    def __init__(self, root, *, plan_cache_size=8, max_models=None, max_layers=None):
+    def __init__(self, root, *, plan_cache_size=8, max_models=None, max_layers=None, batching_defaults=None):
         self.root = os.path.abspath(root)
+        self._batching_defaults = batching_defaults  # BatchingConfig: defaults and cap of dynamic batching
         self._plan_cache_size = plan_cache_size
         self._max_models = max_models  # --max-models / --max-layers (None: unlimited)
         self._max_layers = max_layers
@@ -113,11 +112,19 @@ class ModelRepository:
         """Read, check and build the model in `path`; raise on anything wrong with it."""
         sig = _signature(path)
         with open(path, "rb") as f:
-            request = _decode(f.read())
-        model = Model.from_request(request, plan_cache_size=self._plan_cache_size)
+            name, layers, batching = _decode(f.read())
+        model = self._build(name, layers, batching)
         if model.name + MODEL_SUFFIX != entry:
             raise CorruptModelFile(f"holds model {model.name!r}, which belongs in another file")
         return model, sig
+
+    def _build(self, name, layers, batching):
+        """Model.build, plus its dynamic-batching settings resolved against the server's defaults."""
+        model = Model.build(name, layers, plan_cache_size=self._plan_cache_size)
+        if batching is not None:
+            model.batching = resolve_batching(batching, self._batching_defaults)
+            model.batching_request = batching
+        return model
 
     def _install(self, name, model, sig):
         with self._lock:
@@ -223,8 +230,8 @@ class ModelRepository:
         return [m for m in (self._models.get(n) for n in sorted(self._models)) if m is not None]
 
     # ------------------------------------------------------------------ changes
-    def register(self, request):
-        """Check the request, write it to disk atomically, then serve it.
+    def register(self, name, layers, batching=None):
+        """Check the model (`name`, a list of `Layer`), write it to disk atomically, then serve it.
 
         A name that is already registered is refused (ModelExists -> ALREADY_EXISTS) unless the request is identical
         to the registered one (then it is a no-op that returns the model: retries and several load generators
@@ -232,17 +239,17 @@ class ModelRepository:
         `os.link`, which fails if the name exists, so two replicas sharing the folder cannot overwrite each other
         either. Write failures raise RepositoryError (or LimitExceeded when the disk is full) and change nothing.
         """
-        check_count("layers in the model", len(request.layers), self._max_layers, "--max-layers")
-        model = Model.from_request(request, plan_cache_size=self._plan_cache_size)
+        check_count("layers in the model", len(layers), self._max_layers, "--max-layers")
+        model = self._build(name, layers, batching)
         path = self._path(model.name)
-        blob = _encode(request)
+        blob = _encode(model)
         self._sync(model.name)  # another replica may have registered it
         exists = ModelExists(f"model {model.name!r} is already registered; delete it first (DeleteModel) to "
                              f"replace it, or choose another name")
         with self._lock:
             current = self._models.get(model.name)
             if current is not None:
-                if _encode(current.request) == blob:
+                if _encode(current) == blob:
                     return current  # the same registration again
                 raise exists
             check_count("registered models", len(self._models) + 1, self._max_models, "--max-models")

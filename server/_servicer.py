@@ -1,50 +1,101 @@
-"""convservice.v1.ConvService: protobuf -> arrays -> Engine -> protobuf, and nothing else.
+"""convservice.v1.ConvService: decode into plain values, call `InferenceService`, encode its result; nothing else.
+
+Infer and Conv use `client.wire`'s codecs instead of the generated classes: the request's tensor bytes reach the
+engine as views of what gRPC received, and the answer is computed into the response message's own bytes, which
+the handler returns as they are (no response serializer). The other RPCs use the generated messages.
 
 Errors are raised, never turned into status codes here (see _errors.ErrorMappingInterceptor).
 """
-from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
+import grpc
+from google.protobuf import message_factory
 
-from ._codec import decode_spec, decode_tensor, encode_tensor
-from ._errors import InvalidArgument
+from client import wire
+from convproto.convservice.v1 import conv_pb2
 
-__all__ = ["ConvServicer"]
+from ._codec import decode_batching, decode_registration, model_info, optional_tensor, required_tensor
 
-
-def _required_tensor(request, field):
-    if not request.HasField(field):
-        raise InvalidArgument(f"{field} is missing: a Tensor with dtype, shape and data is required")
-    return decode_tensor(field, getattr(request, field))
+__all__ = ["ConvServicer", "OutputSink", "add_service"]
 
 
-class ConvServicer(conv_pb2_grpc.ConvServiceServicer):
-    """Our own API: one-off convolutions and registered models."""
+class OutputSink:
+    """``output(shape, dtype)`` for `InferenceService`: hands out the payload of a response message built by
+    `make(shape, dtype)` (a `client.wire.MessageBuffer` factory); `finish()` is the message bytes."""
 
-    def __init__(self, engine):
-        self._engine = engine
+    __slots__ = ("_make", "_buffer")
 
-    def Conv(self, request, context):
-        x = _required_tensor(request, "input")
-        kernel = _required_tensor(request, "kernel")
-        bias = decode_tensor("bias", request.bias) if request.HasField("bias") else None
-        options = decode_spec("spec", request.spec)
-        data, shape = self._engine.conv(context, x, kernel, bias, options)
-        return conv_pb2.ConvResponse(output=encode_tensor(data=data, shape=shape, dtype=x.dtype))
+    def __init__(self, make):
+        self._make = make
+        self._buffer = None
+
+    def __call__(self, shape, dtype):
+        self._buffer = self._make(shape, dtype)
+        return self._buffer.array
+
+    def finish(self):
+        return self._buffer.finish()
+
+
+def add_service(server, service, servicer, codecs):
+    """Register `servicer`'s methods for the protobuf `service` descriptor on `server`.
+
+    `codecs` maps a method name to its (request deserializer, response serializer); the others use the generated
+    message classes. Same handlers as the generated ``add_*Servicer_to_server``, with these swapped in.
+    """
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        deserialize, serialize = codecs.get(method.name, (request_class.FromString, response_class.SerializeToString))
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=deserialize, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class ConvServicer:
+    """Our own API: one-off convolutions and registered models.
+
+    Parameters
+    ----------
+    service : InferenceService
+    """
+
+    SERVICE = conv_pb2.DESCRIPTOR.services_by_name["ConvService"]
+
+    def __init__(self, service):
+        self._service = service
+
+    def add_to_server(self, server):
+        # Looked up now, not at import, so that scripts/request_breakdown.py can time them.
+        add_service(server, self.SERVICE, self, {"Infer": (wire.decode_infer_request, None),
+                                                 "Conv": (wire.decode_conv_request, None)})
+
+    def Conv(self, call, context):
+        x = required_tensor("input", call.input)
+        kernel = required_tensor("kernel", call.kernel)
+        bias = optional_tensor("bias", call.bias)
+        options = wire.spec_kwargs(call.spec, "spec")
+        output = OutputSink(wire.tensor_response)
+        self._service.conv(context, x, kernel, bias, options, output)
+        return output.finish()
+
+    def Infer(self, call, context):
+        x = required_tensor("input", call.input)
+        output = OutputSink(wire.tensor_response)
+        self._service.infer(context, self._service.model(call.name), x, output)
+        return output.finish()
 
     def RegisterModel(self, request, context):
-        model = self._engine.repository.register(request)
-        return conv_pb2.RegisterModelResponse(model=model.info())
-
-    def Infer(self, request, context):
-        x = _required_tensor(request, "input")
-        model, data, shape = self._engine.infer(context, request.name, x)
-        return conv_pb2.InferResponse(output=encode_tensor(data=data, shape=shape, dtype=model.dtype))
+        self._service.check_layer_count(len(request.layers))
+        model = self._service.register(*decode_registration(request), decode_batching(request))
+        return conv_pb2.RegisterModelResponse(model=model_info(model))
 
     def ListModels(self, request, context):
-        return conv_pb2.ListModelsResponse(models=[m.info() for m in self._engine.repository.models()])
+        return conv_pb2.ListModelsResponse(models=[model_info(m) for m in self._service.models()])
 
     def GetModel(self, request, context):
-        return conv_pb2.GetModelResponse(model=self._engine.model(request.name).info())
+        return conv_pb2.GetModelResponse(model=model_info(self._service.model(request.name)))
 
     def DeleteModel(self, request, context):
-        self._engine.repository.delete(request.name)
+        self._service.delete(request.name)
         return conv_pb2.DeleteModelResponse()

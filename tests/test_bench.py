@@ -10,19 +10,13 @@ import sys
 
 import pytest
 
+from benchmarks._harness import markdown_tables
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- convcore-bench:start -->", "<!-- convcore-bench:end -->"
 # Columns that must hold a measured number whatever is installed; torch/ORT columns may be "—" without them.
 ALWAYS_MEASURED = ("cc NCHW", "cc NHWC", "GEMM limit")
 OPTIONAL = ("cc conv()", "torch NCHW", "torch CL", "ORT", "NCHW ratio", "NHWC ratio")
-
-
-def _table(section):
-    """Header cells and data rows (lists of cells) of the first Markdown table in `section`."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in section.splitlines() if line.startswith("|")]
-    assert len(rows) >= 3, "expected a header, a separator and at least one row"
-    return rows[0], [r for r in rows[2:]]
 
 
 @pytest.mark.slow
@@ -41,7 +35,8 @@ def test_quick_benchmark_writes_a_parsable_table(tmp_path):
     # The header every benchmark shares (benchmarks/_harness.py): ISA flags and a measured GEMM peak.
     assert re.search(r"- ISA: avx2 (yes|no), .*avx512f (yes|no), .*amx_tile (yes|no)", section), section[:2000]
     assert re.search(r"- GEMM peak: 1024³ sgemm, 2 thread\(s\), best of 3: numpy/OpenBLAS [1-9]\d* ", section)
-    head, rows = _table(section)
+    (head, rows), *_ = markdown_tables(section)
+    assert rows, section
     for name in ALWAYS_MEASURED + OPTIONAL:
         assert name in head, f"column {name!r} missing from {head}"
     for row in rows:

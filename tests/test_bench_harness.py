@@ -92,3 +92,9 @@ def test_child_reads_its_port_and_is_stopped(tmp_path):
         assert cpu is not None and cpu >= 0
     assert child.proc.returncode == 0
     assert h.cpu_seconds(child.proc.pid) is None  # reaped: nothing left to read
+
+
+def test_markdown_tables_reads_every_table_back():
+    text = "intro\n\n| a | b |\n|---|---:|\n| 1 | x y |\n| 2 | |\n\nbetween\n| c |\n|---|\n"
+    assert h.markdown_tables(text) == [(["a", "b"], [["1", "x y"], ["2", ""]]), (["c"], [])]
+    assert h.markdown_tables("no tables") == []

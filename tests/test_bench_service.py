@@ -10,21 +10,11 @@ import sys
 
 import pytest
 
+from benchmarks._harness import markdown_tables
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- service-bench:start -->", "<!-- service-bench:end -->"
 OTHER = "<!-- convcore-bench:start -->\nthe engine team's table\n<!-- convcore-bench:end -->"
-
-
-def _tables(section):
-    """Every Markdown table in `section` as (header cells, data rows of cells)."""
-    tables, current = [], []
-    for line in section.splitlines() + [""]:
-        if line.startswith("|"):
-            current.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif current:
-            tables.append((current[0], current[2:]))
-            current = []
-    return tables
 
 
 def _positive(cell):
@@ -50,7 +40,7 @@ def test_quick_service_benchmark_writes_parsable_tables(tmp_path):
     assert re.search(r"- ISA: avx2 (yes|no), .*avx512f (yes|no), .*amx_tile (yes|no)", section)
     assert re.search(r"- GEMM peak: 1024³ sgemm, \d+ thread\(s\), best of 3: numpy/OpenBLAS [1-9]", section)
 
-    tables = _tables(section)
+    tables = markdown_tables(section)
     assert len(tables) == 4, section
     (con_head, con_rows), (floor_head, floor_rows), (lat_head, lat_rows), (tp_head, tp_rows) = tables
 

@@ -23,7 +23,7 @@ from _reference import reference_conv, reference_output_shape
 
 convcore = pytest.importorskip("convcore")
 
-ALGORITHMS = ("gemm_direct", "im2col_gemm", "depthwise")
+ALGORITHMS = ("packed_gemm", "gemm_direct", "im2col_gemm", "depthwise")
 _PLAN_KEYWORDS = set(inspect.signature(convcore.make_plan).parameters)
 needs_algorithm = pytest.mark.skipif("algorithm" not in _PLAN_KEYWORDS,
                                      reason="convcore.make_plan has no algorithm= keyword (optional in this API)")
@@ -144,7 +144,7 @@ def test_results_independent_of_num_threads(name, data_format):
 @needs_tile_size
 @pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "conv1d", "conv3d"])
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "general"])
+@pytest.mark.parametrize("algorithm", ["auto", "packed", "blas", "im2col", "general"])
 def test_fixed_tiling_is_bitwise_independent_of_num_threads(name, data_format, algorithm):
     """With the tiling fixed, the thread count only decides who computes which tile: any difference is a race."""
     x, w, b, kw = _layer(name, data_format)
@@ -160,7 +160,7 @@ def test_fixed_tiling_is_bitwise_independent_of_num_threads(name, data_format, a
 @pytest.mark.parametrize("name", ["3x3", "3x3_s2_dil", "1x1_s2", "grouped", "depthwise_x2", "conv1d", "conv3d",
                                   "depthwise3d"])
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "general"])
+@pytest.mark.parametrize("algorithm", ["auto", "packed", "blas", "im2col", "general"])
 def test_results_independent_of_tile_size(name, data_format, algorithm):
     x, w, b, kw = _layer(name, data_format, dtype=np.float64)
     n_pixels = int(np.prod(reference_output_shape(x.shape, w.shape, **kw))) // w.shape[0 if data_format ==
@@ -174,7 +174,7 @@ def test_results_independent_of_tile_size(name, data_format, algorithm):
 @needs_tile_size
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=conv_configs([a for a in convcore.ACTIVATIONS if a in REFERENCE_ACTIVATIONS]),
-       algorithm=st.sampled_from(["auto", "im2col", "general"]), tile=st.one_of(st.none(), st.integers(1, 40)),
+       algorithm=st.sampled_from(["auto", "packed", "blas", "im2col", "general"]), tile=st.one_of(st.none(), st.integers(1, 40)),
        num_threads=st.sampled_from([1, 2, None]), batch_at_run=st.integers(1, 3))
 def test_plans_hypothesis(cfg, algorithm, tile, num_threads, batch_at_run):
     """Random layers through make_plan with a random algorithm, tile size and thread count, run at another batch."""
@@ -202,29 +202,31 @@ def test_general_path_agrees_with_fast_paths(name, data_format, dtype):
     x, w, b, kw = _layer(name, data_format, dtype)
     mag = magnitude(x, w, b, **{k: v for k, v in kw.items() if k != "activation"})
     results = {}
-    for algorithm in ("auto", "im2col", "general"):
+    for algorithm in ("auto", "packed", "blas", "im2col", "general"):
         plan = convcore.make_plan(x.shape, w, b, algorithm=algorithm, **kw)
         assert plan.algorithm in ALGORITHMS, plan.algorithm
         results[algorithm] = y = plan.run(x)
         _check_against_reference(y, x, w, b, kw, f"algorithm={algorithm} ({plan.algorithm})")
-    for algorithm in ("auto", "im2col"):
+    for algorithm in ("auto", "packed", "blas", "im2col"):
         assert_conv_close(results[algorithm], results["general"].astype(np.float64), 2 * mag, dtype,
                           f"{algorithm} vs general")
 
 
 @needs_algorithm
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("name, expected", [
-    ("1x1", "gemm_direct"),
-    ("3x3", "im2col_gemm"),
-    ("3x3_s2_dil", "im2col_gemm"),
-    ("grouped", "im2col_gemm"),
-    ("depthwise", "depthwise"),
-    ("depthwise_x2", "depthwise"),
+@pytest.mark.parametrize("name, auto, blas", [
+    ("1x1", "packed_gemm", "gemm_direct"),
+    ("3x3", "packed_gemm", "im2col_gemm"),
+    ("3x3_s2_dil", "packed_gemm", "im2col_gemm"),
+    ("grouped", "packed_gemm", "im2col_gemm"),
+    ("depthwise", "depthwise", "depthwise"),
+    ("depthwise_x2", "depthwise", "depthwise"),
 ])
-def test_auto_picks_the_documented_algorithm(data_format, name, expected):
+def test_auto_picks_the_documented_algorithm(data_format, name, auto, blas):
     x, w, b, kw = _layer(name, data_format)
-    assert convcore.make_plan(x.shape, w, b, **kw).algorithm == expected
+    assert convcore.make_plan(x.shape, w, b, **kw).algorithm == auto
+    assert convcore.make_plan(x.shape, w, b, algorithm="blas", **kw).algorithm == blas
+    assert convcore.make_plan(x.shape, w, b, algorithm="packed", **kw).algorithm == "packed_gemm"
     assert convcore.make_plan(x.shape, w, b, algorithm="im2col", **kw).algorithm == "im2col_gemm"
 
 
@@ -237,7 +239,7 @@ def test_1x1_with_stride_or_padding_is_not_plain_gemm(data_format, kw):
     x, w, b = make_arrays(rng, rank=2, batch=2, cin=6, cout=5, groups=1, spatial=(7, 8), ksize=(1, 1),
                           data_format=data_format, kernel_layout=None, dtype=np.float64)
     kw = dict(kw, data_format=data_format)
-    assert convcore.make_plan(x.shape, w, b, **kw).algorithm != "gemm_direct"
+    assert convcore.make_plan(x.shape, w, b, algorithm="blas", **kw).algorithm != "gemm_direct"
     check_conv(convcore.conv, x, w, b, **kw)
 
 
@@ -350,7 +352,7 @@ def test_non_contiguous_out_is_written_correctly_or_refused(data_format):
 @needs_algorithm
 @pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "conv1d", "conv3d", "grouped"])
 @pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "general"])
+@pytest.mark.parametrize("algorithm", ["auto", "packed", "blas", "im2col", "general"])
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
 def test_nan_and_inf_propagate(name, data_format, algorithm, activation):
     x, w, b, kw = _layer(name, data_format, dtype=np.float64)
@@ -547,3 +549,156 @@ def test_small_work_runs_on_one_thread():
     expected = 2 if convcore.openmp_enabled() else 1
     assert resolve_num_threads(2, flops=SMALL_WORK_FLOPS) == expected
     assert resolve_num_threads(2) == expected
+
+
+# ======================================================================================================================
+# The packed micro-kernels: every CPU level, edge tiles, channel splits, blocking, bit-exact batching
+# ======================================================================================================================
+from convcore._isa import ISA_NAMES, cpu_isa  # noqa: E402
+
+#: Kernel levels this CPU runs (CONVCORE_ISA can force each), lowest first.
+LEVELS = ISA_NAMES[:ISA_NAMES.index(cpu_isa()) + 1]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request, monkeypatch):
+    monkeypatch.setenv("CONVCORE_ISA", request.param)
+    return request.param
+
+
+def _small(rng, *, rank=2, batch=1, cin=3, cout=4, spatial=(5, 6), ksize=(3, 3), groups=1, data_format, dtype):
+    return make_arrays(rng, rank=rank, batch=batch, cin=cin, cout=cout, groups=groups, spatial=spatial, ksize=ksize,
+                       data_format=data_format, kernel_layout=None, dtype=dtype)
+
+
+def test_kernel_isa_names_the_level_and_honours_convcore_isa(monkeypatch):
+    monkeypatch.delenv("CONVCORE_ISA", raising=False)
+    assert convcore.kernel_isa() == cpu_isa()
+    x, w, b = _small(np.random.default_rng(0), data_format="channels_first", dtype=np.float32)
+    assert convcore.make_plan(x.shape, w, b).isa == cpu_isa()
+    for name in LEVELS:
+        monkeypatch.setenv("CONVCORE_ISA", name.upper())
+        assert convcore.kernel_isa() == name
+        assert convcore.make_plan(x.shape, w, b).isa == name
+    monkeypatch.setenv("CONVCORE_ISA", "sse9")
+    with pytest.raises(ValueError, match=r"CONVCORE_ISA must be one of portable, avx2, avx512, got 'sse9'"):
+        convcore.make_plan(x.shape, w, b)
+    if cpu_isa() != "avx512":
+        monkeypatch.setenv("CONVCORE_ISA", "avx512")
+        with pytest.raises(ValueError, match=r"CONVCORE_ISA=avx512 asks for a kernel level this CPU lacks"):
+            convcore.kernel_isa()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_every_tile_remainder(level, dtype, data_format):
+    """Every remainder of the micro-kernel tile in both directions, for both NCHW kernel widths: pixel counts 1 ..
+    2*NR+1 (one output row of a 1-D layer) and channel counts 1 .. 2*panel+1, with K = 1, K inside one block and K
+    over several blocks (a forced tiny K block), few and many channels per group, each against the reference."""
+    rng = np.random.default_rng(1)
+    probe = convcore.make_plan((1, 2, 400), np.ones((3, 2, 1), dtype), data_format="NCW")
+    nr_wide = probe._nr
+    probe = convcore.make_plan((1, 400, 2), np.ones((1, 2, 3), dtype), data_format="NWC")
+    mr_nhwc, nr_nhwc = probe._mr, probe._nr
+    pixel_counts = range(1, 2 * max(nr_wide, mr_nhwc) + 2)
+    channel_counts = range(1, 2 * max(nr_nhwc, 8) + 2)
+    cases = [dict(pixels=p, cout=5) for p in pixel_counts] + [dict(pixels=7, cout=c) for c in channel_counts]
+    fmt = "NCW" if data_format == "channels_first" else "NWC"
+    for i, case in enumerate(cases):
+        # K = 1; K in one block; several K blocks of whole taps; and (NHWC, 17-20 channels: the pointer kernel
+        # rather than the few-channel A panels) one block and channel ranges of a tap longer than the K block.
+        cin, k, kblock = [(1, 1, None), (3, 3, None), (5, 3, 4), (17, 2, None), (20, 3, 8)][i % 5]
+        x, w, b = _small(rng, rank=1, cin=cin, cout=case["cout"], spatial=(case["pixels"] + k - 1,), ksize=(k,),
+                         data_format=data_format, dtype=dtype)
+        plan = convcore.ConvPlan(x.shape, w, b, data_format=fmt, _k_block=kblock)
+        assert plan.algorithm == "packed_gemm" and plan.isa == level
+        _check_against_reference(plan.run(x), x, w, b, dict(data_format=fmt),
+                                 f"{level} {case} K={cin * k} k_block={kblock}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("cout", [33, 50, 63])
+@pytest.mark.parametrize("algorithm", ["auto", "blas"])
+def test_uneven_channel_splits(level, dtype, data_format, cout, algorithm):
+    """Output-channel chunks that do not divide Cout (the last chunk shorter), forced with channel_tile, at batch 1
+    on a small image: a last chunk one channel short, or one too long, fails against the reference."""
+    rng = np.random.default_rng(cout)
+    x, w, b = _small(rng, cin=6, cout=cout, spatial=(6, 7), data_format=data_format, dtype=dtype)
+    kw = dict(padding="same", data_format=data_format, activation="relu")
+    for channel_tile in (1, 8, 16, 32):
+        plan = convcore.make_plan(x.shape, w, b, algorithm=algorithm, channel_tile=channel_tile, num_threads=2, **kw)
+        t = plan.tiling()
+        assert t["channel_chunks"] == -(-cout // t["channel_chunk"]) and t["channel_chunks"] > 1, t
+        assert cout % t["channel_chunk"] != 0 or t["channel_chunk"] == 1, t
+        assert t["channel_chunk"] >= channel_tile, t
+        _check_against_reference(plan.run(x), x, w, b, kw, f"{algorithm} channel_tile={channel_tile} {t}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_unaligned_and_strided_inputs(level, dtype, data_format):
+    """Input, weights and bias starting one element past an aligned address, and a strided input view."""
+    rng = np.random.default_rng(2)
+    x, w, b = _small(rng, batch=2, cin=5, cout=19, spatial=(9, 11), data_format=data_format, dtype=dtype)
+
+    def unaligned(a):
+        buf = np.empty(a.size + 1, dtype)[1:]
+        buf[:] = a.reshape(-1)
+        assert buf.ctypes.data % 16 != 0
+        return buf.reshape(a.shape)
+
+    kw = dict(padding=1, strides=(1, 2), data_format=data_format)
+    xu, wu, bu = unaligned(x), unaligned(w), unaligned(b)
+    _check_against_reference(convcore.conv(xu, wu, bu, **kw), x, w, b, kw, "unaligned")
+    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype)
+    big[..., ::2] = x
+    _check_against_reference(convcore.conv(big[..., ::2], w, b, **kw), x, w, b, kw, "strided view")
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("activation", [None, "relu", "tanh"])
+def test_nan_and_inf_every_level(level, data_format, activation):
+    x, w, b, kw = _layer("3x3", data_format, dtype=np.float32)
+    x = x.copy()
+    flat = x.reshape(-1)
+    flat[5], flat[flat.size // 2], flat[-3] = np.nan, np.inf, -np.inf
+    kw["activation"] = activation
+    _check_against_reference(convcore.conv(x, w, b, **kw), x, w, b, kw, f"NaN/Inf {level}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["3x3", "3x3_s2_dil", "1x1", "grouped", "conv1d", "conv3d"])
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_packed_results_bitwise_independent_of_batch_threads_and_tiles(dtype, name, data_format):
+    """One sample's output does not depend, in a single bit, on the batch it is run in, the thread count, the pixel
+    tile or the channel split: the K order of every output is fixed by the plan (issue 11 batches requests on it).
+    The K block changes the summation order, so different K blocks are only checked against the reference."""
+    x, w, b, kw = _layer(name, data_format, dtype)
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((8,) + x.shape[1:]).astype(dtype)
+    plan = convcore.make_plan(xs.shape, w, b, **kw)
+    assert plan.algorithm == "packed_gemm"
+    alone = [convcore.make_plan(xs[:1].shape, w, b, num_threads=1, **kw).run(xs[i:i + 1])[0] for i in range(8)]
+    for batch in (1, 2, 3, 8):
+        for threads in (1, 2):
+            y = convcore.make_plan(xs.shape, w, b, num_threads=threads, **kw).run(xs[:batch])
+            for i in range(batch):
+                assert np.array_equal(y[i], alone[i]), f"sample {i} of batch {batch} on {threads} threads"
+    for tile, chunk in ((1, None), (7, 8), (None, 1), (33, 40)):
+        y = convcore.make_plan(xs.shape, w, b, num_threads=2, tile_size=tile, channel_tile=chunk, **kw).run(xs[:3])
+        assert all(np.array_equal(y[i], alone[i]) for i in range(3)), f"tile_size={tile} channel_tile={chunk}"
+    _check_against_reference(y, xs[:3], w, b, kw, "packed")
+    for kblock in (1, 5, 64):
+        y = convcore.ConvPlan(xs.shape, w, b, _k_block=kblock, **kw).run(xs[:2])
+        _check_against_reference(y, xs[:2], w, b, kw, f"k_block={kblock}")
+
+
+def test_packed_weights_are_the_plans_only_weights():
+    """A plan keeps its weights once, packed in the kernel's panels (the memory target counts them as weights)."""
+    x, w, b, kw = _layer("3x3", "channels_first")
+    plan = convcore.make_plan(x.shape, w, b, **kw)
+    panel = plan._mr
+    assert plan._w.size == -(-w.shape[0] // panel) * panel * w[0].size
+    blas = convcore.make_plan(x.shape, w, b, algorithm="blas", **kw)
+    assert blas._w.size == w.size

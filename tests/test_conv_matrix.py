@@ -3,6 +3,10 @@
 First the reference itself is checked (naive loops always; torch and ONNX Runtime when installed), then the engine: one
 known answer, a hypothesis-driven matrix, and explicit parametrized cases for every option the contract names, so that
 each one is covered on every run whatever hypothesis draws.
+
+Every engine test runs once per micro-kernel level this CPU supports (``CONVCORE_ISA`` forced per test: avx512, avx2,
+portable), so a kernel bug at any level fails here; the hypothesis matrix runs its full budget at the CPU's own level
+and a smaller one at each lower level.
 """
 import itertools
 
@@ -31,6 +35,35 @@ from _conv_helpers import (
 from _reference import reference_conv, reference_output_shape, resolve_padding
 
 convcore = pytest.importorskip("convcore")
+
+from convcore._isa import ISA_NAMES, cpu_isa  # noqa: E402
+
+#: Kernel levels this CPU runs, lowest first.
+LEVELS = ISA_NAMES[:ISA_NAMES.index(cpu_isa()) + 1]
+
+
+def pytest_generate_tests(metafunc):
+    """Engine tests run at every level; the reference's own checks once; hypothesis has one test per budget."""
+    if "kernel_level" not in metafunc.fixturenames:
+        return
+    name = metafunc.function.__name__
+    if name.startswith("test_reference") or name == "test_matrix_hypothesis":
+        levels = LEVELS[-1:]
+    elif name == "test_matrix_hypothesis_lower_levels":
+        levels = LEVELS[:-1]
+    else:
+        levels = LEVELS
+    metafunc.parametrize("kernel_level", levels, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kernel_level(request, monkeypatch):
+    """Force the micro-kernel level (read by convcore when a plan is made, i.e. on every conv() call)."""
+    level = getattr(request, "param", None)
+    if level is not None:
+        monkeypatch.setenv("CONVCORE_ISA", level)
+        assert convcore.kernel_isa() == level
+    return level
 
 needs_torch = pytest.mark.skipif(TORCH is None, reason="torch is not installed (optional oracle)")
 
@@ -192,6 +225,14 @@ def test_known_answer_sum_across_channels(dtype, kernel_layout):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=conv_configs(ENGINE_ACTIVATIONS))
 def test_matrix_hypothesis(cfg):
+    note(repr(cfg))
+    kw = cfg.pop("kw")
+    run_case(**cfg, **kw)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=conv_configs(ENGINE_ACTIVATIONS))
+def test_matrix_hypothesis_lower_levels(cfg):
     note(repr(cfg))
     kw = cfg.pop("kw")
     run_case(**cfg, **kw)
@@ -390,7 +431,16 @@ def test_edge_geometries(rank, data_format, shape_case):
 
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_larger_layer_multi_tile(data_format, dtype):
-    """A layer big enough for several tiles and threads (the matrix above is mostly single-tile)."""
-    run_case(rank=2, batch=3, cin=16, cout=24, spatial=(23, 19), ksize=3, strides=1, padding="same",
-             data_format=data_format, dtype=dtype, activation="relu")
+@pytest.mark.parametrize("algorithm", ["auto", "blas"])
+def test_larger_layer_multi_tile(data_format, dtype, algorithm):
+    """A layer that really runs as several pixel tiles (the matrix above is mostly single-tile): 23x19 = 437 output
+    pixels would fit one default tile, so the tile is forced small and the plan is asked how it split the work."""
+    rng = np.random.default_rng(7)
+    x, w, b = make_arrays(rng, rank=2, batch=3, cin=16, cout=24, groups=1, spatial=(23, 19), ksize=(3, 3),
+                          data_format=data_format, kernel_layout=None, dtype=dtype)
+    kw = dict(padding="same", data_format=data_format, activation="relu")
+    plan = convcore.make_plan(x.shape, w, b, algorithm=algorithm, tile_size=50, num_threads=2, **kw)
+    tiling = plan.tiling()
+    assert tiling["pixel_tiles"] == 9 and tiling["tile"] < 437, tiling   # 437 pixels in tiles of <= 50
+    assert tiling["items"] >= 3 * 9, tiling
+    check_conv(lambda x_, *_, **__: plan.run(x_), x, w, b, **kw)

@@ -21,6 +21,9 @@ from convproto.convservice.v1 import conv_pb2, conv_pb2_grpc
 from test_limits import BIG, _tensor, in_flight
 
 KILL_ROUNDS = int(os.environ.get("CONVSERVICE_KILL_ROUNDS", "20"))
+#: At most this many acknowledged registrations per round before the kill (20 rounds x 20 stays far below the
+#: server's 1000-model limit).
+KILL_PER_ROUND = 20
 SMALL_X = np.ones((1, 1, 4, 4), np.float32)
 SMALL_K = np.ones((1, 1, 1, 1), np.float32)
 
@@ -65,12 +68,14 @@ def test_kill_9_during_register_model_loses_nothing_acknowledged(tmp_path):
         acknowledged_before = len(acknowledged)
         for t in threads:
             t.start()
-        # Kill at a random moment once this round has registered something: however fast or slow a registration
-        # is here, every round then writes while it dies (a fixed sleep could end every round before the first).
+        # Kill once this round has had a random number of registrations acknowledged, counted rather than timed:
+        # the two writers never pause, so the kill lands mid-write however fast a registration is here, and the
+        # total stays far under --max-models (a random *time* let a fast machine fill all 1000 slots in round 1,
+        # after which every registration failed and each round waited out its deadline).
+        target = acknowledged_before + rng.randint(1, KILL_PER_ROUND)
         deadline = time.monotonic() + 60
-        while len(acknowledged) == acknowledged_before and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.5))
+        while len(acknowledged) < target and time.monotonic() < deadline:
+            time.sleep(0.001)
         proc.kill()
         stop.set()
         for t in threads:

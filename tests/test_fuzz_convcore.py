@@ -11,7 +11,9 @@ How it is checked
   big-endian dtypes, strings, None, nested tuples, huge ints, numpy scalars and arrays, bad ``out=`` buffers. Drawing
   near valid calls matters: a purely random call is refused by the first check and never reaches the kernels.
 * A successful call is checked against ``output_shape`` and, for finite data, against the general N-d path
-  (``make_plan(algorithm="general")``) and the float64 reference in ``_reference.py``.
+  (``make_plan(algorithm="general")``, element-by-element gather + BLAS) and the float64 reference in
+  ``_reference.py``. ``conv`` runs the engine's default path, the packed micro-kernels, and the child is run once per
+  kernel level this CPU supports (``CONVCORE_ISA``; the lower levels with a third of the examples).
 * ``conv`` runs in a **child process** (``test_conv_fuzz`` re-runs this module's ``test_conv_fuzz_child`` with an
   environment switch) so that a segfault is a failing test that names the last input, not a dead pytest. The child
   writes each input to a file before the call for that purpose. ``output_shape`` runs no native code and is fuzzed
@@ -42,6 +44,9 @@ from _reference import reference_conv  # noqa: E402  (tests/ is on sys.path via 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_EXAMPLES = int(os.environ.get("CONVCORE_FUZZ_EXAMPLES", "300"))
+_CPU_ISA = convcore._isa.cpu_isa()
+#: Kernel levels this CPU runs, lowest first (the child is fuzzed at each).
+_LEVELS = convcore._isa.ISA_NAMES[:convcore._isa.ISA_NAMES.index(_CPU_ISA) + 1]
 CHILD_ENV = "CONVCORE_FUZZ_CHILD"
 LAST_INPUT_ENV = "CONVCORE_FUZZ_LAST_INPUT"
 #: The child of `test_conv_fuzz` gets this long; 300 examples take ~10-30 s on a busy 2-core machine.
@@ -325,11 +330,14 @@ def test_conv_fuzz_child(case):
         compare_with_oracles(x, kernel, bias, options, y)
 
 
-def test_conv_fuzz(tmp_path):
+@pytest.mark.parametrize("level", _LEVELS)
+def test_conv_fuzz(tmp_path, level):
     """Fuzz ``convcore.conv*`` in a child process: a crash (signal) fails here and names the input that caused it."""
     last = tmp_path / "last_input.txt"
     env = {**os.environ, CHILD_ENV: "1", LAST_INPUT_ENV: str(last), "OMP_NUM_THREADS": "2",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "CONVCORE_ISA": level}
+    if level != _LEVELS[-1]:
+        env["CONVCORE_FUZZ_EXAMPLES"] = str(max(1, MAX_EXAMPLES // 3))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header",
            f"{os.path.abspath(__file__)}::test_conv_fuzz_child"]
     try:

@@ -33,7 +33,8 @@ def test_server_live_ready_metadata(stub):
     assert stub.ServerReady(pb.ServerReadyRequest()).ready
     meta = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert meta.name == "convcore-service" and meta.version
-    assert "statistics" not in meta.extensions  # ModelStatistics is not implemented, so not advertised
+    # Exactly what is implemented (RepositoryIndex alone is not the whole model_repository extension).
+    assert sorted(meta.extensions) == ["model_configuration", "statistics", "system_shared_memory"]
     assert stub.ModelReady(pb.ModelReadyRequest(name="kv2")).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name="kv2", version="7")).ready

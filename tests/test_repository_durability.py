@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from convproto.convservice.v1 import conv_pb2
+from server._codec import decode_registration
 from server._repository import MODEL_SUFFIX, ModelRepository
 
 
-def _request(name):
+def _layers():
+    """The layers of a RegisterModelRequest, decoded as the server decodes them."""
     kernel = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3)
     tensor = conv_pb2.Tensor(dtype=conv_pb2.DTYPE_FLOAT32, shape=kernel.shape, data=kernel.tobytes())
-    return conv_pb2.RegisterModelRequest(name=name, layers=[conv_pb2.Layer(kernel=tensor)])
+    return decode_registration(conv_pb2.RegisterModelRequest(name="x", layers=[conv_pb2.Layer(kernel=tensor)]))[1]
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def calls(monkeypatch):
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to tell what an fd is")
 def test_register_syncs_the_file_before_linking_it_and_the_folder_after(tmp_path, calls):
     repo = ModelRepository(str(tmp_path))
-    repo.register(_request("durable"))
+    repo.register("durable", _layers())
     final = str(tmp_path / ("durable" + MODEL_SUFFIX))
     size = os.path.getsize(final)
     publish = [i for i, c in enumerate(calls) if c[0] in ("link", "rename", "replace") and c[-1] == final]
@@ -63,7 +65,7 @@ def test_register_syncs_the_file_before_linking_it_and_the_folder_after(tmp_path
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to tell what an fd is")
 def test_delete_syncs_the_folder_after_the_unlink(tmp_path, calls):
     repo = ModelRepository(str(tmp_path))
-    repo.register(_request("gone"))
+    repo.register("gone", _layers())
     del calls[:]
     repo.delete("gone")
     final = str(tmp_path / ("gone" + MODEL_SUFFIX))

@@ -1,0 +1,470 @@
+"""Dynamic batching of concurrent requests for one model, with the semantics of Triton's ``dynamic_batching``.
+
+Requests with the same non-batch shape and dtype (their *key*) queue together. A batch is the longest prefix of a
+key's queue (in arrival order) that fits in ``max_batch_size`` rows. It is dispatched
+
+- at once when that prefix can grow no more (it is full, or the next request does not fit), or when a prefix adds up
+  to one of the ``preferred_batch_size`` values (then the largest such prefix goes), as Triton's scheduler does;
+- else when its oldest request has waited ``max_queue_delay_microseconds`` (0: at once);
+- earlier if a member's deadline is near: a request waits for others at most until its deadline less the compute
+  time of this key's last batch, and at most half of the time it had left on arrival; it is never held for
+  batching past its deadline (if no compute slot frees in time it fails with BatchDeadlineExceeded);
+
+and only while fewer than ``max_concurrent`` batches are computing: a batch keeps growing while the compute slots are
+busy, which is where batching pays (Triton's "dispatch when an instance is free").
+
+There is no scheduler thread: the batch is concatenated, computed and split by one of its own members' threads (the
+first one to see it ready), and the others wait on a condition. So a request that arrives alone at an idle model
+pays no thread hop, and no thread ever works for a request it does not belong to (its own caller's deadline and
+cancellation stay meaningful).
+
+Failure isolation: every check on a request (dtype, rank, channels, batch size) happens before it joins, in the
+caller and in `DynamicBatcher.run`. A member that is cancelled or whose deadline passes leaves: out of the queue if
+not yet dispatched, or abandoning its rows if the batch is running (the compute is told to stop only when every
+member has gone). If the batched compute raises, each member is computed alone, so an error that only the batch
+provokes (e.g. a size limit) fails nobody, and an error of one member's own fails only that member.
+
+Exact results: each caller gets exactly its own rows of the batch output. They are bit-identical to running the
+request alone only if the compute's result for a row does not depend on the batch it is in. convcore's default dense
+path (packed GEMM) guarantees it; its BLAS path (``algorithm="blas"``) does not, since OpenBLAS's result for an
+element depends on the GEMM's shape.
+"""
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+
+from ._errors import InvalidArgument, RequestCancelled
+
+__all__ = ["BatchingConfig", "DynamicBatcher", "BatchDeadlineExceeded", "MAX_QUEUE_DELAY_MICROSECONDS",
+           "resolve_batching"]
+
+log = logging.getLogger("server")
+
+#: Longest queue delay accepted (10 s): a longer one is a typo, and would hold every request that long.
+MAX_QUEUE_DELAY_MICROSECONDS = 10_000_000
+#: Triton's names, the only keys a batching dict may hold.
+_KEYS = ("max_batch_size", "preferred_batch_size", "max_queue_delay_microseconds")
+
+
+class BatchDeadlineExceeded(RequestCancelled):
+    """The request's deadline passed while it waited to be batched or computed."""
+
+
+def _positive_int(field, value, upper=None):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgument(f"{field} must be a positive int, got {value!r}")
+    if upper is not None and value > upper:
+        raise InvalidArgument(f"{field} must be at most {upper}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    """One model's dynamic-batching settings, with Triton's names.
+
+    Attributes
+    ----------
+    max_batch_size : int
+        Most rows in one batch (and in one request).
+    preferred_batch_size : tuple of int
+        Batch sizes dispatched as soon as they can be formed; each in ``1..max_batch_size``.
+    max_queue_delay_microseconds : int
+        How long the oldest request of a forming batch may wait for more (0: dispatch what is there at once).
+    """
+
+    max_batch_size: int
+    preferred_batch_size: tuple = ()
+    max_queue_delay_microseconds: int = 0
+
+    def __post_init__(self):
+        _positive_int("batching.max_batch_size", self.max_batch_size)
+        prefs = self.preferred_batch_size
+        if isinstance(prefs, (str, bytes)) or not hasattr(prefs, "__iter__"):
+            raise InvalidArgument(f"batching.preferred_batch_size must be a list of ints, got {prefs!r}")
+        prefs = tuple(_positive_int(f"batching.preferred_batch_size[{i}]", p, self.max_batch_size)
+                      for i, p in enumerate(prefs))
+        if len(set(prefs)) != len(prefs):
+            raise InvalidArgument(f"batching.preferred_batch_size holds a value twice, got {list(prefs)}")
+        object.__setattr__(self, "preferred_batch_size", tuple(sorted(prefs)))
+        delay = self.max_queue_delay_microseconds
+        if isinstance(delay, bool) or not isinstance(delay, (int, np.integer)) or not \
+                0 <= delay <= MAX_QUEUE_DELAY_MICROSECONDS:
+            raise InvalidArgument(f"batching.max_queue_delay_microseconds must be an int from 0 to "
+                                  f"{MAX_QUEUE_DELAY_MICROSECONDS} (10 s), got {delay!r}")
+        object.__setattr__(self, "max_queue_delay_microseconds", int(delay))
+
+    @classmethod
+    def from_dict(cls, settings, defaults=None):
+        """Build from a dict with Triton's names; missing (or 0 / empty) entries come from `defaults`.
+
+        Parameters
+        ----------
+        settings : dict
+            Any of ``max_batch_size``, ``preferred_batch_size``, ``max_queue_delay_microseconds``.
+        defaults : BatchingConfig, optional
+            The server's defaults (``--batch-*`` flags).
+
+        Raises
+        ------
+        InvalidArgument
+            For an unknown key or a bad value, naming it.
+        """
+        if not isinstance(settings, dict):
+            raise InvalidArgument(f"batching must be a dict with keys {list(_KEYS)}, got {type(settings).__name__}")
+        unknown = sorted(set(settings) - set(_KEYS))
+        if unknown:
+            raise InvalidArgument(f"batching has unknown key(s) {unknown}; the keys are {list(_KEYS)} (Triton's "
+                                  f"dynamic_batching names)")
+        merged = dataclasses.asdict(defaults) if defaults is not None else {"max_batch_size": None}
+        for key, value in settings.items():
+            if value or key not in merged:  # proto3 gives 0 / [] for unset fields: keep the default then
+                merged[key] = value
+        if merged.get("max_batch_size") is None:
+            raise InvalidArgument("batching.max_batch_size is required (no server default was given)")
+        return cls(**merged)
+
+    @property
+    def max_queue_delay(self):
+        """The queue delay in seconds."""
+        return self.max_queue_delay_microseconds / 1e6
+
+
+def resolve_batching(settings, defaults):
+    """A model's BatchingConfig from its registered `settings` dict and the server's `defaults`, which also cap it.
+
+    Raises InvalidArgument naming the field, also when max_batch_size is over the server's (``--max-batch-size``).
+    """
+    config = BatchingConfig.from_dict(settings, defaults)
+    if defaults is not None and config.max_batch_size > defaults.max_batch_size:
+        raise InvalidArgument(f"batching.max_batch_size must be at most {defaults.max_batch_size} (the server's "
+                              f"--max-batch-size), got {config.max_batch_size}")
+    return config
+
+
+class _Token:
+    """Cancel token of one batch: set when every member has left.
+
+    It also looks like an RPC context to the compute executor (``is_active``, ``add_callback``), so a batch's compute
+    is dropped or stopped between layers exactly as one RPC's is.
+    """
+
+    __slots__ = ("cancelled", "_callbacks")
+
+    def __init__(self):
+        self.cancelled = False
+        self._callbacks = []
+
+    def cancel(self):
+        self.cancelled = True
+        for fn in self._callbacks:
+            fn()
+
+    def is_active(self):
+        return not self.cancelled
+
+    def add_callback(self, fn):
+        if self.cancelled:
+            return False
+        self._callbacks.append(fn)
+        return True
+
+    def check(self):
+        if self.cancelled:
+            raise RequestCancelled("every caller of this batch cancelled or passed its deadline")
+
+
+# Entry states
+_QUEUED, _RUNNING, _DONE, _LEFT = range(4)
+
+
+class _Entry:
+    __slots__ = ("x", "rows", "queue", "arrival", "deadline", "state", "result", "error", "batch", "dispatched",
+                 "timing")
+
+    def __init__(self, x, deadline, timing):
+        self.x = x
+        self.rows = x.shape[0]
+        self.queue = None
+        self.arrival = time.monotonic()
+        self.deadline = deadline
+        self.state = _QUEUED
+        self.result = self.error = self.batch = None
+        self.dispatched = None
+        self.timing = timing
+
+
+class _Batch:
+    __slots__ = ("members", "alive", "token")
+
+    def __init__(self, members):
+        self.members = members
+        self.alive = len(members)
+        self.token = _Token()
+
+
+class _Queue:
+    """The requests of one key, waiting in arrival order, and the condition their threads wait on."""
+
+    __slots__ = ("key", "entries", "cond", "estimate")
+
+    def __init__(self, key, lock):
+        self.key = key
+        self.entries = collections.deque()
+        self.cond = threading.Condition(lock)
+        self.estimate = 0.0  # seconds the last batch of this key took to compute
+
+
+class DynamicBatcher:
+    """Merge concurrent requests of one model into batches (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    compute : callable
+        ``compute(x, token) -> y``: run the model on `x` (a batch, rows along axis 0) and return an array whose
+        axis 0 has one entry per input row. `token` has ``cancelled`` and ``check()`` (raises RequestCancelled),
+        set when every member of the batch has left. The returned array must not be reused by the compute
+        afterwards (members read their rows after it returns).
+    config : BatchingConfig
+    max_concurrent : int
+        Batches computing at once (the compute slots this model may use).
+    on_batch : callable, optional
+        ``on_batch(rows, requests, input_seconds, infer_seconds, ok)`` after every batch (metrics, statistics);
+        ``input_seconds`` is the concatenation, ``infer_seconds`` the compute.
+    name : str
+        The model's name, for messages.
+    """
+
+    def __init__(self, compute, config, *, max_concurrent=1, on_batch=None, name=""):
+        self.config = config
+        self.name = name
+        self._compute = compute
+        self._max_concurrent = _positive_int("max_concurrent", max_concurrent)
+        self._on_batch = on_batch
+        self._lock = threading.Lock()
+        self._queues = {}
+        self._running = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ the caller's side
+    def run(self, x, *, deadline=None, add_callback=None, timing=None):
+        """Compute `x` as part of a batch; return its own rows of the batch output.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            The request's input, already checked against the model; rows along axis 0.
+        deadline : float, optional
+            ``time.monotonic()`` time after which the caller no longer wants the answer.
+        add_callback : callable, optional
+            ``add_callback(fn) -> bool`` as gRPC's ``context.add_callback``: `fn` is called when the RPC ends
+            (cancelled, past its deadline, or done); False means it has ended already.
+        timing : dict, optional
+            Filled with ``queue_seconds`` (arrival to dispatch), ``input_seconds``, ``infer_seconds``,
+            ``batch_rows`` and ``batch_requests`` of the batch this request was computed in.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``y[i:j]`` of the batch output for this request's rows (a view).
+
+        Raises
+        ------
+        InvalidArgument
+            `x` is not an array with 1..max_batch_size rows (checked before it joins).
+        BatchDeadlineExceeded, RequestCancelled
+            The deadline passed, or the caller went away, before its rows were computed.
+        Exception
+            Whatever the compute raised for this request computed alone.
+        """
+        if not isinstance(x, np.ndarray) or x.ndim < 1:
+            raise InvalidArgument(f"input must be an array with a batch axis, got "
+                                  f"{type(x).__name__ if not isinstance(x, np.ndarray) else x.shape}")
+        if not 1 <= x.shape[0] <= self.config.max_batch_size:
+            raise InvalidArgument(f"input has batch {x.shape[0]} (shape {list(x.shape)}), model {self.name!r} takes "
+                                  f"1 to {self.config.max_batch_size} rows per request (its max_batch_size)")
+        entry = _Entry(x, deadline, timing)
+        key = (x.shape[1:], x.dtype.str)
+        with self._lock:
+            if self._closed:
+                raise RequestCancelled("the server is shutting down")
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = _Queue(key, self._lock)
+            entry.queue = queue
+            queue.entries.append(entry)
+            queue.cond.notify_all()  # a forming batch may now be full or of a preferred size
+        if add_callback is not None and not add_callback(lambda: self._leave(entry, cancelled=True)):
+            self._leave(entry, cancelled=True)
+        batch = self._wait(entry, queue)
+        if batch is not None:
+            self._dispatch(batch, queue)
+        return self._outcome(entry)
+
+    def _wait(self, entry, queue):
+        """Wait until `entry` is done or gone, or it should dispatch a batch itself (returned, already taken)."""
+        with self._lock:
+            while True:
+                if entry.state in (_DONE, _LEFT):
+                    return None
+                now = time.monotonic()
+                if entry.deadline is not None and now >= entry.deadline:
+                    self._leave_locked(entry, cancelled=False)
+                    return None
+                wake = entry.deadline if entry.deadline is not None else math.inf
+                if entry.state == _QUEUED:
+                    members, ready_at = self._plan(queue, now)
+                    if members is not None and entry in members:
+                        return self._take(members, queue, now)
+                    if members is None:
+                        wake = min(wake, ready_at)
+                queue.cond.wait(None if wake == math.inf else max(wake - now, 0.0))
+
+    def _plan(self, queue, now):
+        """(members, None) if the head batch of `queue` should go now, else (None, time it becomes ready)."""
+        cfg = self.config
+        entries = queue.entries
+        if not entries:
+            return None, math.inf
+        members, rows, preferred = [], 0, 0
+        earliest = math.inf
+        for e in entries:
+            if rows + e.rows > cfg.max_batch_size:
+                break
+            members.append(e)
+            rows += e.rows
+            if rows in cfg.preferred_batch_size:
+                preferred = len(members)
+            if e.deadline is not None:
+                # Leave the compute time of this key's last batch, and never spend more than half of what was
+                # left of a request's time on waiting for others (the first batch has no estimate yet).
+                earliest = min(earliest, e.deadline - max(queue.estimate, (e.deadline - e.arrival) / 2))
+        if self._running >= self._max_concurrent:
+            return None, math.inf  # woken when a batch finishes
+        ready_at = min(members[0].arrival + cfg.max_queue_delay, earliest)
+        if now >= ready_at or rows == cfg.max_batch_size or len(members) < len(entries):
+            return members, None
+        if preferred:
+            return members[:preferred], None
+        return None, ready_at
+
+    def _take(self, members, queue, now):
+        batch = _Batch(members)
+        for e in members:
+            queue.entries.popleft()  # members are the head of the queue, in order
+            e.state, e.batch, e.dispatched = _RUNNING, batch, now
+        self._running += 1
+        self._drop_if_empty(queue)
+        queue.cond.notify_all()  # the next requests are now the head: their batch may be ready too
+        return batch
+
+    def _drop_if_empty(self, queue):
+        # One queue per distinct input shape: forget it once empty, so varied shapes do not pile up. Threads still
+        # waiting on its condition hold it through their entries and are notified through it.
+        if not queue.entries and self._queues.get(queue.key) is queue:
+            del self._queues[queue.key]
+
+    def _leave(self, entry, cancelled):
+        with self._lock:
+            self._leave_locked(entry, cancelled)
+
+    def _leave_locked(self, entry, cancelled):
+        queue = entry.queue
+        if entry.state == _QUEUED:
+            queue.entries.remove(entry)
+            self._drop_if_empty(queue)
+        elif entry.state == _RUNNING:
+            entry.batch.alive -= 1
+            if entry.batch.alive == 0:
+                entry.batch.token.cancel()  # nobody wants these rows any more: stop between layers
+        else:
+            return  # done already (gRPC also calls back when a call completes normally) or gone
+        entry.state = _LEFT
+        entry.error = (RequestCancelled("the client cancelled the call or its deadline passed") if cancelled else
+                       BatchDeadlineExceeded(f"the request's deadline passed while it waited for a batch of model "
+                                             f"{self.name!r}"))
+        queue.cond.notify_all()  # the forming batch changed; its members re-plan
+
+    @staticmethod
+    def _outcome(entry):
+        if entry.error is not None:
+            raise entry.error
+        return entry.result
+
+    # ------------------------------------------------------------------ computing a batch
+    def _dispatch(self, batch, queue):
+        """Concatenate, compute, split (on the calling member's thread); on a batch error compute each alone."""
+        members = batch.members
+        rows = sum(e.rows for e in members)
+        t0 = time.perf_counter()
+        results, errors = {}, {}
+        input_s = infer_s = 0.0
+        try:
+            x = members[0].x if len(members) == 1 else np.concatenate([e.x for e in members])
+            t1 = time.perf_counter()
+            input_s = t1 - t0
+            y = self._compute(x, batch.token)
+            infer_s = time.perf_counter() - t1
+            if not isinstance(y, np.ndarray) or y.ndim < 1 or y.shape[0] != rows:
+                raise RuntimeError(f"the compute of model {self.name!r} returned "
+                                   f"{getattr(y, 'shape', type(y).__name__)} for a batch of {rows} rows")
+            start = 0
+            for e in members:
+                results[e] = y[start:start + e.rows]
+                start += e.rows
+        except RequestCancelled as exc:
+            errors = dict.fromkeys(members, exc)
+        except Exception as exc:  # noqa: BLE001 - isolate: compute each member alone, each gets its own outcome
+            if len(members) > 1:
+                log.warning("a batch of %d requests (%d rows) of model %r failed (%s: %s); computing them one by "
+                            "one", len(members), rows, self.name, type(exc).__name__, exc)
+            results.clear()
+            t1 = time.perf_counter()
+            for e in members:
+                if len(members) == 1:
+                    errors[e] = exc
+                    break
+                if e.state != _RUNNING:
+                    continue  # left meanwhile (read without the lock: at worst one needless compute)
+                try:
+                    results[e] = self._compute(e.x, batch.token)
+                except Exception as one:  # noqa: BLE001 - this member's own error, raised in its thread
+                    errors[e] = one
+            infer_s += time.perf_counter() - t1
+        finally:
+            with self._lock:
+                self._running -= 1
+                estimate = infer_s + input_s
+                queue.estimate = estimate if not queue.estimate else 0.5 * (queue.estimate + estimate)
+                for e in members:
+                    if e.state != _RUNNING:
+                        continue  # left already; its rows are dropped
+                    e.state = _DONE
+                    e.result, e.error = results.get(e), errors.get(e)
+                    if e.result is None and e.error is None:
+                        e.error = RuntimeError(f"batch of model {self.name!r} ended without a result")
+                    if e.timing is not None:
+                        e.timing.update(queue_seconds=e.dispatched - e.arrival, input_seconds=input_s,
+                                        infer_seconds=infer_s, batch_rows=rows, batch_requests=len(members))
+                # A compute slot is free: every key's forming batch may go now.
+                queue.cond.notify_all()
+                for q in self._queues.values():
+                    if q is not queue:
+                        q.cond.notify_all()
+        if self._on_batch is not None:
+            self._on_batch(rows, len(members), input_s, infer_s, not errors)
+
+    # ------------------------------------------------------------------ lifecycle
+    def pending(self):
+        """Requests waiting to be dispatched (all keys)."""
+        with self._lock:
+            return sum(len(q.entries) for q in self._queues.values())
+
+    def close(self):
+        """Refuse new requests; queued ones are still dispatched and computed."""
+        with self._lock:
+            self._closed = True

@@ -1,0 +1,257 @@
+"""server._shm.SharedMemoryRegistry in-process: register / status / unregister, bounds against the region and the
+object's real size, hostile keys, and objects shrunk, unlinked or unregistered while a request uses them."""
+import os
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from server._errors import LimitExceeded
+from server._shm import SHM_DIR, RegionExists, RegionNotFound, SharedMemoryError, SharedMemoryRegistry, shm_path
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="needs POSIX shared memory in /dev/shm")
+
+
+@pytest.fixture
+def shm_object():
+    """Factory: a fresh POSIX shared-memory object of `size` bytes (its key, with Triton's leading '/')."""
+    made = []
+
+    def make(size, data=None):
+        name = f"test_shm_{uuid.uuid4().hex[:12]}"
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if data is not None:
+                os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+        made.append(name)
+        return "/" + name
+
+    yield make
+    for name in made:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+
+
+@pytest.fixture
+def registry():
+    reg = SharedMemoryRegistry()
+    yield reg
+    reg.close()
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_register_read_write_status_unregister(registry, shm_object):
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    key = shm_object(4096, x.tobytes())
+    fds = open_fds()
+    registry.register("in", key, 0, 96)
+    registry.register("out", key, 1024, 2048)
+    assert open_fds() == fds + 2
+    assert registry.status() == [("in", key, 0, 96), ("out", key, 1024, 2048)]
+    assert registry.status("out") == [("out", key, 1024, 2048)]
+    got = registry.read("in", 0, 96, np.float32, (2, 3, 4))
+    np.testing.assert_array_equal(got, x)
+    assert got.flags.writeable and not np.shares_memory(got, x)
+    y = (x * 2).astype(np.float64)
+    registry.write("out", 8, 2040, y)
+    with open(os.path.join(SHM_DIR, key[1:]), "rb") as f:
+        f.seek(1024 + 8)
+        assert f.read(y.nbytes) == y.tobytes()
+    registry.unregister("in")
+    assert registry.names() == ["out"]
+    registry.unregister("never-registered")  # a no-op, as Triton's
+    registry.unregister()
+    assert registry.names() == [] and open_fds() == fds
+
+
+def test_a_key_without_the_leading_slash_and_out_param_reuse(registry, shm_object):
+    x = np.linspace(0, 1, 10)
+    key = shm_object(x.nbytes, x.tobytes())
+    registry.register("r", key[1:], 0, x.nbytes)
+    out = np.empty(10)
+    assert registry.read("r", 0, None, np.float64, (10,), out=out) is out
+    np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("key", ["/etc/passwd", "../etc/passwd", "/../etc/passwd", "a/b", "..", ".", ".hidden",
+                                 "", "/", "x\x00y", "//x", "a" * 256, 7, None])
+def test_hostile_keys_are_refused(registry, key):
+    with pytest.raises(SharedMemoryError, match=r"shared-memory key must name a POSIX shared-memory object"):
+        registry.register("r", key, 0, 8)
+    assert registry.names() == []
+
+
+def test_symlinks_directories_fifos_and_missing_objects_are_refused(registry, shm_object, tmp_path):
+    target = tmp_path / "secret"
+    target.write_bytes(b"x" * 64)
+    base = f"test_shm_{uuid.uuid4().hex[:8]}"
+    link, inner_link, directory, fifo = (os.path.join(SHM_DIR, base + s) for s in ("_ln", "_ln2", "_dir", "_fifo"))
+    os.symlink(target, link)
+    os.symlink(os.path.join(SHM_DIR, shm_object(64)[1:]), inner_link)  # even to another shm object
+    os.mkdir(directory)
+    os.mkfifo(fifo)
+    try:
+        for path in (link, inner_link):
+            with pytest.raises(SharedMemoryError, match=r"cannot open shared-memory key .*: Too many levels"):
+                registry.register("r", "/" + os.path.basename(path), 0, 8)
+        with pytest.raises(SharedMemoryError, match=r"cannot open .*Is a directory"):
+            registry.register("r", "/" + os.path.basename(directory), 0, 8)
+        with pytest.raises(SharedMemoryError, match=r"is not a POSIX shared-memory object"):
+            registry.register("r", "/" + os.path.basename(fifo), 0, 8)
+        with pytest.raises(SharedMemoryError, match=r"names no object \(no /dev/shm/nope_"):
+            registry.register("r", "/nope_" + uuid.uuid4().hex, 0, 8)
+    finally:
+        for path in (link, inner_link, fifo):
+            os.unlink(path)
+        os.rmdir(directory)
+    assert registry.names() == []
+
+
+@pytest.mark.parametrize("name, offset, size, match", [
+    ("", 0, 8, r"region name must be 1 to 256 printable characters, got ''"),
+    ("a\nb", 0, 8, r"printable characters, got 'a\\nb'"),
+    ("r", -1, 8, r"offset must be an int >= 0, got -1"),
+    ("r", 0, 0, r"byte_size of shared-memory region 'r' must be > 0, got 0"),
+    ("r", 0, 2.5, r"byte_size must be an int >= 0, got 2.5"),
+    ("r", 60, 8, r"offset 60 \+ byte_size 8 = 68 is past the end of '/test_shm_\w+' \(64 bytes\)"),
+    ("r", 2**64 - 1, 2, r"is past the end"),
+])
+def test_bad_register_arguments(registry, shm_object, name, offset, size, match):
+    key = shm_object(64)
+    with pytest.raises(SharedMemoryError, match=match):
+        registry.register(name, key, offset, size)
+
+
+def test_duplicate_names_and_the_region_limit(shm_object):
+    registry = SharedMemoryRegistry(max_regions=2)
+    key = shm_object(64)
+    registry.register("a", key, 0, 8)
+    with pytest.raises(RegionExists, match=r"region 'a' is registered already; unregister it first"):
+        registry.register("a", key, 8, 8)
+    registry.register("b", key, 8, 8)
+    with pytest.raises(LimitExceeded, match=r"2 shared-memory regions are registered, the server's limit"):
+        registry.register("c", key, 16, 8)
+    registry.close()
+    assert registry.names() == []
+
+
+def test_accesses_are_checked_against_the_region(registry, shm_object):
+    key = shm_object(256)
+    registry.register("r", key, 128, 64)
+    with pytest.raises(SharedMemoryError, match=r"region 'nope' is not registered"):
+        registry.read("nope", 0, 8, np.float32, (2,))
+    with pytest.raises(SharedMemoryError, match=r"input shared_memory_byte_size is 12, the tensor needs 8 bytes"):
+        registry.read("r", 0, 12, np.float32, (2,))
+    with pytest.raises(SharedMemoryError, match=r"input: shared_memory_offset 60 \+ 8 bytes = 68 is past the end of "
+                                                r"region 'r' \(64 bytes\)"):
+        registry.read("r", 60, 8, np.float32, (2,))
+    with pytest.raises(SharedMemoryError, match=r"output shared_memory_byte_size is 8, the tensor needs 16 bytes"):
+        registry.write("r", 0, 8, np.zeros(2))
+    with pytest.raises(SharedMemoryError, match=r"output: shared_memory_offset 56 \+ 16 bytes = 72 is past the end"):
+        registry.write("r", 56, None, np.zeros(2))
+    with pytest.raises(SharedMemoryError, match=r"shared_memory_offset must be an int >= 0, got -8"):
+        registry.write("r", -8, None, np.zeros(1))
+    with pytest.raises(RegionNotFound, match=r"region 'nope' is not registered"):
+        registry.status("nope")
+    with pytest.raises(SharedMemoryError, match=r"input shape \[2, -1\] has a negative dimension"):
+        registry.read("r", 0, 8, np.float32, (2, -1))
+    with pytest.raises(SharedMemoryError, match=r"past the end of region 'r'"):
+        registry.read("r", 0, None, np.float32, (2**62, 2**62))  # would wrap to 0 bytes in int64
+
+
+def test_a_shrunk_object_gives_an_error_not_a_crash(registry, shm_object):
+    key = shm_object(4096, np.ones(512).tobytes())
+    registry.register("r", key, 0, 4096)
+    os.truncate(os.path.join(SHM_DIR, key[1:]), 100)
+    with pytest.raises(SharedMemoryError, match=r"object '/test_shm_\w+' of region 'r' shrank to 100 bytes; this "
+                                                r"input needs bytes up to 4096"):
+        registry.read("r", 0, 4096, np.float64, (512,))
+    with pytest.raises(SharedMemoryError, match=r"shrank to 100 bytes; this output needs bytes up to 800"):
+        registry.write("r", 0, None, np.zeros(100))
+    np.testing.assert_array_equal(registry.read("r", 0, 96, np.float64, (12,)), np.ones(12))  # what is left
+
+
+def test_an_unlinked_object_gives_an_error(registry, shm_object):
+    key = shm_object(64)
+    registry.register("r", key, 0, 64)
+    os.unlink(os.path.join(SHM_DIR, key[1:]))
+    with pytest.raises(SharedMemoryError, match=r"object '/test_shm_\w+' of region 'r' was unlinked; unregister"):
+        registry.read("r", 0, 64, np.uint8, (64,))
+    registry.unregister("r")
+
+
+def test_unregistered_while_in_use_fails_the_next_access_and_closes_after(registry, shm_object):
+    key = shm_object(64, bytes(range(64)))
+    fds = open_fds()
+    registry.register("r", key, 0, 64)
+    with registry.use("r") as access:
+        np.testing.assert_array_equal(access.read(0, 16, np.uint8, (16,)), np.arange(16))
+        registry.unregister("r")
+        assert open_fds() == fds + 1  # still open: this request holds it
+        with pytest.raises(SharedMemoryError, match=r"region 'r' was unregistered while this request used it"):
+            access.write(0, None, np.zeros(4))
+    assert open_fds() == fds
+    with pytest.raises(SharedMemoryError, match=r"region 'r' is not registered"):
+        registry.read("r", 0, 16, np.uint8, (16,))
+
+
+def test_close_releases_what_a_crashed_client_left(shm_object):
+    fds = open_fds()
+    registry = SharedMemoryRegistry()
+    for i in range(5):
+        registry.register(f"r{i}", shm_object(64), 0, 64)
+    assert open_fds() == fds + 5
+    registry.close()
+    assert open_fds() == fds and registry.names() == []
+
+
+def test_truncation_racing_with_reads_and_writes_never_crashes(registry, shm_object):
+    """A client shrinking and regrowing its object as fast as it can while requests copy: errors, never SIGBUS.
+
+    Bounded in count, not time. With a memory mapping this test would kill the interpreter.
+    """
+    size = 1 << 20
+    key = shm_object(size)
+    path = os.path.join(SHM_DIR, key[1:])
+    registry.register("r", key, 0, size)
+    stop = threading.Event()
+
+    def churn():
+        fd = os.open(path, os.O_RDWR)
+        try:
+            while not stop.is_set():
+                os.ftruncate(fd, 4096)
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    outcomes = {"ok": 0, "error": 0}
+    data = np.ones(size // 8)
+    try:
+        for _ in range(300):
+            try:
+                registry.read("r", 0, size, np.float64, (size // 8,))
+                registry.write("r", 0, None, data)
+                outcomes["ok"] += 1
+            except SharedMemoryError as exc:
+                assert "shrank" in str(exc)
+                outcomes["error"] += 1
+    finally:
+        stop.set()
+        t.join(30)
+    assert sum(outcomes.values()) == 300
+
+
+def test_shm_path():
+    assert shm_path("/abc") == "/dev/shm/abc" and shm_path("abc.1_x-y") == "/dev/shm/abc.1_x-y"
