@@ -172,6 +172,10 @@ def test_valid_options_still_pass_and_compute_the_right_values(client, options):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_the_client_knows_every_convcore_activation():
+def test_the_client_mirrors_convcore_option_tables():
+    """The SDK cannot import the engine, so it keeps its own copy of the names and limits it checks: the same."""
     assert set(_ops.ACTIVATIONS) == {a for a in convcore.ACTIVATIONS if a is not None}
     assert _ops.MAX_DIM == convcore._spec.MAX_DIM
+    assert {k: v for k, v in _ops._FORMATS.items()} == {k: v[0] for k, v in convcore._spec._FORMATS.items()}
+    assert {k: v for k, v in _ops._LAYOUTS.items()} == {k: v[0] for k, v in convcore._spec._LAYOUTS.items()}
+    assert (_ops._OI_NAME, _ops._IO_NAME) == (convcore._spec._OI_NAME, convcore._spec._IO_NAME)
