@@ -9,7 +9,7 @@ from . import _kernels
 from ._blocking import k_block, pixel_tile
 from ._isa import ISA_NAMES, isa_level
 from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
-from ._threads import limit_scipy_blas, resolve_num_threads
+from ._threads import DEPTHWISE_FLOP_WEIGHT, limit_scipy_blas, resolve_num_threads
 
 __all__ = ["ACTIVATIONS", "ALGORITHMS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes",
            "make_plan", "output_shape", "set_max_output_bytes"]
@@ -254,6 +254,21 @@ class ConvPlan:
     def isa(self):
         return ISA_NAMES[self._isa]
 
+    def work_flops(self, batch):
+        """The work of a call with `batch` items as the thread-count cut-off sees it: the layer's FLOPs, times
+        ``DEPTHWISE_FLOP_WEIGHT`` for depthwise layers (their FLOPs are slower; see convcore._threads)."""
+        return self.geometry.flops(batch) * (DEPTHWISE_FLOP_WEIGHT if self._algo == ALGO_DEPTHWISE else 1)
+
+    def num_threads(self, batch=None, num_threads=None):
+        """The OpenMP threads a call with `batch` items runs on (the plan's num_threads unless one is given here).
+
+        A caller that reserves CPUs per call (the server) should ask this rather than resolve_num_threads with the
+        layer's FLOPs, so that it reserves what the plan will use.
+        """
+        n = self.input_shape[0] if batch is None else batch
+        return resolve_num_threads(self._requested_threads if num_threads is None else num_threads,
+                                   flops=self.work_flops(n))
+
     def tiling(self, batch=None, num_threads=None):
         """How a call with `batch` items on `num_threads` threads is split (for tests and tuning).
 
@@ -264,8 +279,7 @@ class ConvPlan:
             item), ``channel_chunks``, ``k_block`` (K rows per micro-kernel pass; packed path only), ``items``.
         """
         n = self.input_shape[0] if batch is None else batch
-        nthreads = resolve_num_threads(self._requested_threads if num_threads is None else num_threads,
-                                       flops=self.geometry.flops(n))
+        nthreads = self.num_threads(n, num_threads)
         tile, mchunk, _, _ = self._tiling(n, nthreads)
         geo = self.geometry
         P = math.prod(geo.out_spatial)
@@ -339,7 +353,7 @@ class ConvPlan:
     def _batch_facts(self, n):
         geo = self.geometry
         out_shape = geo.output_shape(n)
-        facts = (out_shape, math.prod(out_shape) * self.dtype.itemsize, geo.flops(n))
+        facts = (out_shape, math.prod(out_shape) * self.dtype.itemsize, self.work_flops(n))
         if len(self._per_batch) >= self._FACTS_MAX:
             self._per_batch.clear()
         self._per_batch[n] = facts
@@ -394,7 +408,7 @@ class ConvPlan:
         per_batch = self._per_batch.get(n)
         if per_batch is None:
             per_batch = self._batch_facts(n)
-        out_shape, nbytes, flops = per_batch
+        out_shape, nbytes, work = per_batch
         if nbytes > _max_output_bytes:
             raise ValueError(f"output would be {nbytes} bytes (shape {out_shape}), over max_output_bytes="
                              f"{_max_output_bytes}; raise it with convcore.set_max_output_bytes()")
@@ -414,7 +428,7 @@ class ConvPlan:
             if np.shares_memory(out, x):
                 raise ValueError("out must not overlap x")
         x = np.ascontiguousarray(x)
-        nthreads = resolve_num_threads(self._requested_threads, flops=flops)
+        nthreads = resolve_num_threads(self._requested_threads, flops=work)
         key = (n, nthreads)
         call = self._per_call.get(key)
         if call is None:

@@ -17,6 +17,11 @@ __all__ = ["openmp_enabled", "resolve_num_threads", "usable_cpus", "limit_scipy_
 #: the OpenMP team costs more than it saves. Measured on this 2-vCPU VM: after an idle gap a 2-thread call of ~0.5 ms
 #: took 0.6 to 9 ms (waking the sleeping second vCPU), the same call on one thread a steady 0.8 ms (BENCHMARKS.md).
 SMALL_WORK_FLOPS = 50_000_000
+#: Depthwise FLOPs count this many times toward that cut-off: a depthwise FLOP takes ~2.5x the time of a dense one
+#: (40 vs 100-110 GFLOP/s per core, Zen 4) and the direct kernels are bound by loads, not by the team's wake-up, so
+#: MobileNet's dw3x3 C=144 @56² (8 MFLOP, ~0.2 ms on one core) ran 304 -> 165 us on 2 threads (measured,
+#: steady state); torch runs it on 2 threads in ~0.14 ms.
+DEPTHWISE_FLOP_WEIGHT = 8
 
 
 def _cgroup_cpu_limit():

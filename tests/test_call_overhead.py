@@ -129,3 +129,25 @@ def test_fast_input_check_keeps_the_messages():
     # ndarray subclasses take the full conversion path and give the same answer
     x = np.arange(192, dtype=np.float32).reshape(1, 3, 8, 8)
     assert np.array_equal(plan.run(x.view(Sub)), plan.run(x))
+
+
+@pytest.mark.skipif(not convcore.openmp_enabled(), reason="built without OpenMP: one thread per call")
+def test_depthwise_work_counts_more_toward_the_thread_cut_off(monkeypatch, fresh_probes):
+    """A depthwise layer of 8 MFLOP (MobileNet's dw3x3 C=144 @56²) runs on the team, a dense one of the same FLOPs
+    on one thread; the plan says so through num_threads(), which the server can use to reserve CPUs."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "_cgroup_cpu_limit", lambda: None)
+    dw = convcore.make_plan((1, 56, 56, 144), np.ones((3, 3, 1, 144), np.float32), groups=144, padding="same",
+                            data_format="channels_last")
+    dense = convcore.make_plan((1, 56, 56, 16), np.ones((3, 3, 16, 9), np.float32), padding="same",
+                               data_format="channels_last")
+    assert dw.geometry.flops(1) == 2 * 144 * 56 * 56 * 9
+    assert abs(dense.geometry.flops(1) - dw.geometry.flops(1)) < 0.01 * dw.geometry.flops(1)
+    assert dw.work_flops(1) == threads.DEPTHWISE_FLOP_WEIGHT * dw.geometry.flops(1)
+    assert dense.work_flops(1) == dense.geometry.flops(1)
+    assert (dw.num_threads(), dense.num_threads()) == (4, 1)
+    assert dw.num_threads(num_threads=2) == 2 and dense.num_threads(64) == 4
+    small = convcore.make_plan((1, 14, 14, 144), np.ones((3, 3, 1, 144), np.float32), groups=144, padding="same",
+                               data_format="channels_last")
+    assert small.num_threads() == 1   # 0.5 MFLOP: one thread even weighted

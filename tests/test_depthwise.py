@@ -83,6 +83,26 @@ def test_depthwise_matrix(level, geometry, dtype, data_format):
                dilation=dilation, padding=padding, groups=c, data_format=data_format)
 
 
+# (channels, multiplier) for the NHWC multiplier kernel: lane counts (4/8/16) not a multiple of the multiplier,
+# multipliers above the lane count, output vectors that end past Cout and input vectors that end past C.
+MULTIPLIERS = ((7, 5), (2, 9), (3, 20), (1, 16), (5, 3), (33, 2), (16, 4))
+
+
+@pytest.mark.parametrize("geometry", ["3x3 same", "3x3 wide row", "3x3 s2", "3x5 s(1,2) d(2,1) pad 2",
+                                      "narrower than kernel", "1-D k5 s3 d2", "3-D s2 pairs", "1x7 d3"])
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_depthwise_multiplier(level, geometry, data_format):
+    """Channel multipliers > 1 (NHWC: one input vector permuted into each vector of outputs), both dtypes."""
+    rank, spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(f"mult {geometry} {data_format}".encode()))
+    for dtype in DTYPES:
+        for c, mult in MULTIPLIERS:
+            x, w, b = _arrays(rng, rank, spatial, ksize, c, mult, data_format, dtype)
+            _check(x, w, b, f"{level} {geometry} C={c} x{mult} {data_format} {np.dtype(dtype)}", strides=strides,
+                   dilation=dilation, padding=padding, groups=c, data_format=data_format,
+                   activation="relu6" if mult % 2 else None)
+
+
 @pytest.mark.parametrize("activation", sorted(a for a in convcore.ACTIVATIONS if a))
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_depthwise_activations(level, activation, data_format):
