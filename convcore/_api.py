@@ -158,7 +158,11 @@ class ConvPlan:
         self._narrow = False
         # NHWC with few channels per group: gather pixels into A panels (see _item_packed_nhwc). Measured on
         # ResNet conv1 (3 channels), Zen 4, one thread: 51 vs 31 GFLOP/s through the per-tap pointers.
-        self._apack = geo.channels_last and cig < APACK_MAX_CIG
+        self._apack = int(geo.channels_last and cig < APACK_MAX_CIG)
+        if self._apack and geo.groups == 1 and geo.dilation[-1] == 1:
+            # ... or, better, read a kernel row's KW taps (KW*Cig contiguous floats) in place through one pointer:
+            # no gather (it took more time than the micro-kernel on ResNet conv1, perf); see _item_packed_nhwc.
+            self._apack = 2
         if not geo.channels_last:
             # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
             # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
@@ -179,7 +183,7 @@ class ConvPlan:
         w = np.ascontiguousarray(w)
         if self._algo == ALGO_PACKED:
             self._w = self._pack_weights(w, geo.groups, cig, cog, geo.channels_last)
-            self._zeros = np.zeros(max(cig, 1), dtype=self.dtype)
+            self._zeros = np.zeros(max(cig * (geo.ksize[-1] if self._apack == 2 else 1), 1), dtype=self.dtype)
         else:
             self._w = w.reshape(-1)
             self._zeros = None
@@ -334,15 +338,32 @@ class ConvPlan:
         mchunk = min(-(-mchunk // panel) * panel, -(-cog // panel) * panel)
         if packed:
             if geo.channels_last:
-                ws = -(-tile // self._mr) * self._mr * self._kc if self._apack else 0
+                ws = 0
+                if self._apack == 1:
+                    ws = -(-tile // self._mr) * self._mr * self._kc
+                elif self._apack == 2:
+                    ws = self._row_copies(tile) * (geo.C // geo.groups) * geo.ksize[-1]
             else:
                 # kc rows of the tile, each padded to whole NR panels plus at most one cache line (see _kernels)
                 ws = self._kc * (-(-tile // self._nr) * self._nr + 64 // itemsize)
-            pws = -(-tile // self._mr) * self._mr * math.prod(geo.ksize) if geo.channels_last else 0
+            taps = math.prod(geo.ksize) // (geo.ksize[-1] if self._apack == 2 else 1)
+            pws = -(-tile // self._mr) * self._mr * taps if geo.channels_last else 0
         else:
             ws = 0 if self._algo == ALGO_DIRECT else self._ck * tile
             pws = 0
         return tile, mchunk, ws, pws
+
+    def _row_copies(self, tile):
+        """Most kernel rows an NHWC item of `tile` pixels copies (apack == 2): those that straddle the W padding.
+
+        At most (output rows the tile spans) x (pixels of an output row whose row of taps straddles the padding) x
+        (kernel rows per pixel).
+        """
+        geo = self.geometry
+        ow_n, kw, sw, pw, w = geo.out_spatial[-1], geo.ksize[-1], geo.strides[-1], geo.pads[-1][0], geo.spatial[-1]
+        border = sum(1 for ow in range(ow_n) if ow * sw - pw < 0 or ow * sw - pw + kw > w)
+        rows = -(-tile // ow_n) + 1
+        return min(tile, rows * border) * (math.prod(geo.ksize) // kw)
 
     # Per-call facts that depend only on the batch size (and the thread count), computed on a batch's first call:
     # plan.run is called per request, and recomputing them cost ~5 us of Python per call (measured). Bounded, as a

@@ -53,7 +53,8 @@ cdef struct Geom:
     int isa                      # kernel level (0 portable, 1 avx2, 2 avx512: _isa.h), chosen when the plan was made
     idx_t kc, MR, NR             # packed path: K block, micro-kernel tile (elements)
     bint narrow                  # packed NCHW: the narrow (2-vector) kernel variant
-    bint apack                   # packed NHWC: gather the pixels into A panels (few channels per group)
+    int apack                    # packed NHWC, few channels per group: 1 gather the pixels into A panels,
+                                 # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
     const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
 
 
@@ -448,23 +449,32 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
     reads (or to `zeros` for padding and for the missing pixels of the last MR group), built once per item in this
     thread's pointer workspace. The weights are packed in the plan as [channel panel][tap][ci][NR]. K blocks are
     whole taps (kc // Cig of them) or, when one tap has more than kc channels, a channel range of one tap.
-    With few channels per group (g.apack: conv1's 3), a tap is too short to pay for reloading MR pointers, so each
-    K block is first gathered through the pointers into [k][MR] pixel panels in `ws` and run by the gemm kind.
+    With few channels per group (conv1's 3) a tap is too short to pay for reloading MR pointers. Then, when one
+    group spans all channels and the kernel is not dilated along W (g.apack == 2), the KW taps of a kernel row are
+    KW*Cig contiguous floats of the input row: each "tap" is a whole kernel row read in place (k = (kw, ci) is also
+    the weights' order), and only a row that straddles the W padding is first copied, zero-filled, into this
+    thread's `ws` (the plan sizes it for the item's border pixels). Otherwise (g.apack == 1) each K block is
+    gathered through the per-tap pointers into [k][MR] pixel panels in `ws` and run by the gemm kind.
     """
     cdef idx_t n, grp, p0, T, m0, M, co0
     _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
     if M <= 0:
         return
     co0 = grp * g.Cog + m0
-    cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, KK = g.KK, Cig = g.Cig
+    cdef bint rows = g.apack == 2
+    # "Taps" as the K loop sees them: kernel taps, or whole kernel rows (KW taps) when rows
+    cdef idx_t KW = 1 if rows else g.KW
+    cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, KK = g.KK // g.KW * KW, Cig = g.Cig * (g.KW // KW)
     cdef idx_t mpan = _ceil_div(T, MR), npan = _ceil_div(M, NR), npg = _ceil_div(g.Cog, NR)
-    cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * Cig
+    cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * g.Cig
     cdef floating* c = out + (n * g.P + p0) * g.Cout + co0
     cdef const floating* wg = wp + (grp * npg + m0 // NR) * CK * NR
-    cdef idx_t mp, i, p, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb
+    cdef idx_t mp, i, p, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb, iw0, j
     cdef const floating** pp
     cdef const floating* src
     cdef floating* ap
+    cdef floating* seg = ws      # rows: the next free zero-padded row copy
+    cdef size_t cbytes = g.Cig * sizeof(floating)
     for mp in range(mpan):
         for i in range(MR):
             pp = ptrs + mp * KK * MR + i
@@ -481,6 +491,23 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
                 id_ = od * g.SD - g.PD + kd * g.DD
                 for kh in range(g.KH):
                     ih = oh * g.SH - g.PH + kh * g.DH
+                    if rows:
+                        iw0 = ow * g.SW - g.PW
+                        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
+                            pp[tap * MR] = zeros
+                        elif iw0 >= 0 and iw0 + g.KW <= g.W:
+                            pp[tap * MR] = xn + ((id_ * g.H + ih) * g.W + iw0) * g.C
+                        else:
+                            src = xn + (id_ * g.H + ih) * g.W * g.C
+                            for j in range(g.KW):
+                                if <size_t> (iw0 + j) >= <size_t> g.W:
+                                    memset(seg + j * g.Cig, 0, cbytes)
+                                else:
+                                    memcpy(seg + j * g.Cig, src + (iw0 + j) * g.C, cbytes)
+                            pp[tap * MR] = seg
+                            seg += Cig
+                        tap += 1
+                        continue
                     for kw in range(g.KW):
                         iw = ow * g.SW - g.PW + kw * g.DW
                         if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H or <size_t> iw >= <size_t> g.W:
@@ -498,7 +525,7 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
         else:
             nt = taps_per_block if KK - t0 > taps_per_block else KK - t0
             kl = Cig
-        if g.apack:
+        if g.apack == 1:
             kb = nt * kl
             for mp in range(mpan):
                 for tt in range(nt):
@@ -773,8 +800,9 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
         direct = g.KK == 1 and g.SD == 1 and g.SH == 1 and g.SW == 1 and g.PD == 0 and g.PH == 0 and g.PW == 0 \
             and g.OD == g.D and g.OH == g.H and g.OW == g.W
         if channels_last:
-            pws = _ceil_div(g.tile, g.MR) * g.MR * g.KK
-            if ptrs is None or zeros is None or ptrs.shape[0] < pws * num_threads or zeros.shape[0] < g.Cig:
+            pws = _ceil_div(g.tile, g.MR) * g.MR * (g.KK // g.KW if g.apack == 2 else g.KK)
+            if ptrs is None or zeros is None or ptrs.shape[0] < pws * num_threads or \
+                    zeros.shape[0] < (g.Cig * g.KW if g.apack == 2 else g.Cig):
                 raise ValueError("packed NHWC run needs ptrs and zeros workspaces of the planned size")
             pwp = <const floating**> &ptrs[0]
             zp = &zeros[0]

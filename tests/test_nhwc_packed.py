@@ -1,0 +1,122 @@
+"""The packed NHWC path for layers with few channels per group (ResNet conv1's 3), at every kernel level.
+
+Two modes (convcore._kernels._item_packed_nhwc): with one group and no dilation along W a kernel row's KW taps are
+KW*Cig contiguous floats, read in place through one pointer, and only the rows that straddle the W padding are
+copied zero-filled into the thread's workspace (plan._apack == 2); otherwise the pixels are gathered into A panels
+(plan._apack == 1). Both are checked against the float64 reference on geometries that put those copies at both
+borders, make every row straddle (a kernel wider than the input), split items inside an output row (forced tiles)
+and span several output rows per item, plus bit-identical results over thread counts and tilings.
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+import convcore
+from convcore._isa import ISA_NAMES, cpu_isa
+
+from _conv_helpers import assert_conv_close, magnitude
+from _reference import reference_conv
+
+LEVELS = ISA_NAMES[:ISA_NAMES.index(cpu_isa()) + 1]
+DTYPES = (np.float32, np.float64)
+
+# name: (spatial, ksize, strides, dilation, padding)
+GEOMETRIES = {
+    "conv1-like 7x7 s2 same": ((30, 34), 7, 2, 1, "same"),
+    "3x3 same": ((9, 13), 3, 1, 1, "same"),
+    "5x5 s(2,3) asymmetric": ((10, 17), 5, (2, 3), 1, ((1, 2), (3, 0))),
+    "kernel wider than input": ((3, 2), 5, 1, 1, ((4, 4), (4, 4))),
+    "valid, no copies": ((8, 11), (2, 3), 1, 1, "valid"),
+    "4x4 s3 same": ((5, 40), 4, 3, 1, "same"),
+    "dilated along H only": ((12, 9), 3, 1, (2, 1), "same"),
+    "dilated along W (gather mode)": ((9, 14), 3, 1, (1, 2), "same"),
+    "1-D k9 s2": ((61,), 9, 2, 1, "same"),
+    "3-D 3x3x3 same": ((4, 6, 7), 3, 1, 1, "same"),
+}
+CHANNELS = ((3, 64), (1, 5), (2, 33), (15, 17), (5, 96))
+
+
+def _arrays(rng, spatial, ksize, c, cout, groups, dtype, batch=2):
+    nsp = len(spatial)
+    ksize = (ksize,) * nsp if np.isscalar(ksize) else tuple(ksize)
+    x = rng.standard_normal((batch,) + tuple(spatial) + (c,)).astype(dtype)
+    w = rng.standard_normal(ksize + (c // groups, cout)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    return x, w, b
+
+
+def _check(plan_kw, x, w, b, what, **run_kw):
+    plan = convcore.make_plan(x.shape, w, b, data_format="channels_last", **plan_kw, **run_kw)
+    y = plan.run(x)
+    opts = {k: v for k, v in plan_kw.items() if k not in ("tile_size", "channel_tile")}
+    expected = reference_conv(x, w, b, data_format="channels_last", **opts)
+    mag = magnitude(x, w, b, data_format="channels_last",
+                    **{k: v for k, v in opts.items() if k != "activation"})
+    assert_conv_close(y, expected, mag, x.dtype, what)
+    return plan, y
+
+
+@pytest.fixture(params=LEVELS)
+def level(request, monkeypatch):
+    monkeypatch.setenv("CONVCORE_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_few_channels_matrix(level, geometry):
+    spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(geometry.encode()))
+    for dtype in DTYPES:
+        for c, cout in CHANNELS:
+            x, w, b = _arrays(rng, spatial, ksize, c, cout, 1, dtype)
+            kw = dict(strides=strides, dilation=dilation, padding=padding, activation="relu")
+            plan, _ = _check(kw, x, w, b, f"{level} {geometry} {c}->{cout} {np.dtype(dtype)}")
+            dil_w = dilation if np.isscalar(dilation) else dilation[-1]
+            assert plan._apack == (1 if dil_w > 1 else 2), geometry
+
+
+@pytest.mark.parametrize("tile_size", [1, 5, 13, 31, 64])
+def test_forced_tiles_split_and_span_rows(level, tile_size):
+    """Items that end inside an output row, cover exactly one, or span several (the workspace bound of the row
+    copies counts the output rows an item touches)."""
+    rng = np.random.default_rng(tile_size)
+    for dtype in DTYPES:
+        x, w, b = _arrays(rng, (13, 11), 7, 3, 20, 1, dtype, batch=3)
+        _check(dict(strides=2, padding="same", tile_size=tile_size), x, w, b, f"{level} tile {tile_size}")
+        x, w, b = _arrays(rng, (6, 5), 4, 2, 9, 1, dtype, batch=2)
+        _check(dict(strides=1, padding=((3, 3), (3, 3)), tile_size=tile_size), x, w, b,
+               f"{level} tile {tile_size}, all rows straddle")
+
+
+def test_groups_take_the_gather_mode(level):
+    rng = np.random.default_rng(3)
+    for dtype in DTYPES:
+        x, w, b = _arrays(rng, (9, 10), 3, 6, 12, 2, dtype)
+        plan, _ = _check(dict(padding="same", groups=2), x, w, b, f"{level} groups 2")
+        assert plan._apack == 1
+
+
+def test_bit_identical_over_threads_and_tiles(level, threads_for_any_size):
+    """Every output is one thread's fixed-order sum: thread counts, forced tiles and the batch give the same bits."""
+    rng = np.random.default_rng(9)
+    for dtype in DTYPES:
+        x, w, b = _arrays(rng, (23, 29), 7, 3, 40, 1, dtype, batch=3)
+        kw = dict(strides=2, padding="same", activation="relu6", data_format="channels_last")
+        ys = [convcore.make_plan(x.shape, w, b, num_threads=t, **kw).run(x) for t in (1, 2, 3)]
+        ys += [convcore.make_plan(x.shape, w, b, num_threads=2, tile_size=t, **kw).run(x) for t in (7, 100)]
+        for y in ys[1:]:
+            assert np.array_equal(y, ys[0])
+        assert np.array_equal(convcore.make_plan(x[1:2].shape, w, b, **kw).run(x[1:2]), ys[0][1:2])
+
+
+def test_nan_weight_and_input_at_the_borders(level):
+    """Row copies zero-fill the padding: a NaN/Inf input next to it stays where the reference puts it, and a NaN
+    weight multiplies the padded zeros (NaN everywhere, as the dense path defines it)."""
+    rng = np.random.default_rng(21)
+    x, w, b = _arrays(rng, (10, 12), 5, 3, 8, 1, np.float32)
+    x[0, 0, 0, 1] = np.nan
+    x[1, 4, -1, 2] = np.inf
+    w[0, 0, 0, 3] = np.nan
+    _, y = _check(dict(padding="same"), x, w, b, f"{level} NaN/Inf at the borders")
+    assert np.isnan(y[..., 3]).all() and np.isnan(y[0, :3, :3]).any() and not np.isnan(y[0, -3:, -3:, :3]).any()
