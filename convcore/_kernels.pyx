@@ -782,13 +782,17 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     cdef floating* wsp = &work[0]
     cdef const floating** pwp = NULL
     cdef const floating* zp = NULL
-    cdef idx_t it, nitems, pws = 0
+    cdef idx_t it, nitems, chunk, pws = 0
     cdef int tid
     cdef bint direct = algo == ALGO_DIRECT
     if algo == ALGO_DEPTHWISE:
         if channels_last:
             nitems = g.N * g.OD * g.OH
-            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+            # Runs of consecutive rows per grab, so that the row a thread's kernel prefetches for its next row
+            # is the one that thread reads next (a few runs per thread still balance the load).
+            chunk = nitems // (4 * num_threads)
+            chunk = 1 if chunk < 1 else (8 if chunk > 8 else chunk)
+            for it in prange(nitems, nogil=True, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
                 _depthwise_nhwc_row(&g, xp, wp, bp, op, it)
         else:
             nitems = g.N * g.Cout
