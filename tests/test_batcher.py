@@ -282,6 +282,85 @@ def test_a_compute_that_returns_the_wrong_rows_is_an_error():
         DynamicBatcher(lambda x, token: x[:1], BatchingConfig(max_batch_size=2), name="m").run(rows(2, 0))
 
 
+def test_rows_are_copied_into_each_callers_output_and_the_batch_buffers_go_back_to_the_pool():
+    """With ``output``, the batch's thread fills each caller's own array (what the server's response payload is);
+    the gathered input and the batch output are handed to ``release`` once nobody reads them."""
+    allocated, released = [], []
+
+    def allocate(shape, dtype):
+        allocated.append(np.full(shape, np.nan, dtype))  # NaN: a row not gathered would show in the output
+        return allocated[-1]
+
+    compute = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=4, max_queue_delay_microseconds=LONG),
+                             allocate=allocate, release=released.extend)
+    inputs = [rows(1, 0), rows(2, 10), rows(1, 20)]
+    outputs = [np.zeros((n, 2, 3)) for n in (1, 2, 1)]
+    timings = [{} for _ in inputs]
+    results, errors = [None] * 3, [None] * 3
+
+    def one(i):
+        try:
+            results[i] = batcher.run(inputs[i], timing=timings[i],
+                                     output=lambda shape, dtype, i=i: outputs[i] if shape == outputs[i].shape
+                                     else pytest.fail(f"output asked for {shape}"))
+        except Exception as exc:  # noqa: BLE001
+            errors[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [None] * 3 and compute.batches == [4]
+    for x, out, y, timing in zip(inputs, outputs, results, timings):
+        assert y is out  # the caller gets its own array back, filled
+        np.testing.assert_array_equal(out, x * 3 + 1)
+        assert timing["batch_rows"] == 4 and timing["output_seconds"] >= 0
+    assert len(allocated) == 1 and allocated[0].shape == (4, 2, 3)
+    assert len(released) == 2 and released[0] is allocated[0] and released[1].shape == (4, 2, 3)
+
+
+def test_a_callers_output_that_fails_fails_that_caller_only():
+    def output_of(i):
+        def output(shape, dtype):
+            if i == 1:
+                raise MemoryError("no room for the response")
+            return np.empty(shape, dtype)
+        return output
+
+    compute = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=3, max_queue_delay_microseconds=LONG))
+    results, errors = [None] * 3, [None] * 3
+
+    def one(i):
+        try:
+            results[i] = batcher.run(rows(1, 10 * i), output=output_of(i))
+        except Exception as exc:  # noqa: BLE001
+            errors[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(errors[1], MemoryError) and errors[0] is None and errors[2] is None
+    assert compute.batches == [3]  # computed once: the output error is not the batch's
+    for i in (0, 2):
+        np.testing.assert_array_equal(results[i], rows(1, 10 * i) * 3 + 1)
+
+
+def test_one_thread_computes_a_batch_and_the_others_only_wake_to_return():
+    """The head of the queue leads: of 8 callers in one batch, exactly one thread runs the compute."""
+    compute = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=8, max_queue_delay_microseconds=LONG))
+    inputs = [rows(1, 10 * i) for i in range(8)]
+    results, errors = run_threads(batcher, inputs)
+    assert errors == [None] * 8 and compute.batches == [8] and len(set(compute.threads)) == 1
+    for x, y in zip(inputs, results):
+        np.testing.assert_array_equal(y, x * 3 + 1)
+
+
 # ---------------------------------------------------------------------------------------------- deadlines, cancel
 def test_a_deadline_shortens_the_wait_and_is_never_passed():
     compute = Recorder()
