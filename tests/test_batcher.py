@@ -44,15 +44,16 @@ class Recorder:
         return x * 3 + 1
 
 
-def run_threads(batcher, inputs, delays=None, **kwargs):
-    """Submit each input from its own thread (after its delay); return (results, errors) lists."""
+def run_threads(batcher, inputs, delays=None, per_call=None, **kwargs):
+    """Submit each input from its own thread (after its delay, with its own `per_call` keywords on top of
+    `kwargs`); return (results, errors) lists."""
     results, errors = [None] * len(inputs), [None] * len(inputs)
 
     def one(i):
         if delays:
             time.sleep(delays[i])
         try:
-            results[i] = batcher.run(inputs[i], **kwargs)
+            results[i] = batcher.run(inputs[i], **kwargs, **(per_call[i] if per_call else {}))
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             errors[i] = exc
 
@@ -297,21 +298,15 @@ def test_rows_are_copied_into_each_callers_output_and_the_batch_buffers_go_back_
     inputs = [rows(1, 0), rows(2, 10), rows(1, 20)]
     outputs = [np.zeros((n, 2, 3)) for n in (1, 2, 1)]
     timings = [{} for _ in inputs]
-    results, errors = [None] * 3, [None] * 3
 
-    def one(i):
-        try:
-            results[i] = batcher.run(inputs[i], timing=timings[i],
-                                     output=lambda shape, dtype, i=i: outputs[i] if shape == outputs[i].shape
-                                     else pytest.fail(f"output asked for {shape}"))
-        except Exception as exc:  # noqa: BLE001
-            errors[i] = exc
+    def output_of(i):
+        def output(shape, dtype):
+            assert shape == outputs[i].shape, f"output asked for {shape}"
+            return outputs[i]
+        return output
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = run_threads(batcher, inputs, per_call=[{"timing": timings[i], "output": output_of(i)}
+                                                             for i in range(3)])
     assert errors == [None] * 3 and compute.batches == [4]
     for x, out, y, timing in zip(inputs, outputs, results, timings):
         assert y is out  # the caller gets its own array back, filled
@@ -331,19 +326,8 @@ def test_a_callers_output_that_fails_fails_that_caller_only():
 
     compute = Recorder()
     batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=3, max_queue_delay_microseconds=LONG))
-    results, errors = [None] * 3, [None] * 3
-
-    def one(i):
-        try:
-            results[i] = batcher.run(rows(1, 10 * i), output=output_of(i))
-        except Exception as exc:  # noqa: BLE001
-            errors[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results, errors = run_threads(batcher, [rows(1, 10 * i) for i in range(3)],
+                                  per_call=[{"output": output_of(i)} for i in range(3)])
     assert isinstance(errors[1], MemoryError) and errors[0] is None and errors[2] is None
     assert compute.batches == [3]  # computed once: the output error is not the batch's
     for i in (0, 2):
