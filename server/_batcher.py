@@ -472,6 +472,7 @@ class DynamicBatcher:
         results, errors = {}, {}
         input_s = infer_s = output_s = 0.0
         pooled = []
+        slot_held = True
         try:
             if len(members) == 1:
                 x = members[0].x
@@ -488,6 +489,10 @@ class DynamicBatcher:
             if not isinstance(y, np.ndarray) or y.ndim < 1 or y.shape[0] != rows:
                 raise RuntimeError(f"the compute of model {self.name!r} returned "
                                    f"{getattr(y, 'shape', type(y).__name__)} for a batch of {rows} rows")
+            # The compute is over: the next batch may go while this thread copies the rows out (on a large
+            # model that copy is a millisecond the compute slot would otherwise sit idle).
+            self._free_slot(queue, infer_s + input_s)
+            slot_held = False
             start = 0
             for e in members:
                 if e.state == _RUNNING:  # read without the lock: at worst one needless copy for a leaver
@@ -520,10 +525,9 @@ class DynamicBatcher:
                     errors[e] = one
             infer_s += time.perf_counter() - t1
         finally:
+            if slot_held:
+                self._free_slot(queue, infer_s + input_s)
             with self._lock:
-                self._running -= 1
-                estimate = infer_s + input_s
-                queue.estimate = estimate if not queue.estimate else 0.5 * (queue.estimate + estimate)
                 for e in members:
                     if e.state != _RUNNING:
                         continue  # left already; its rows are dropped
@@ -536,14 +540,19 @@ class DynamicBatcher:
                                         infer_seconds=infer_s, output_seconds=output_s, batch_rows=rows,
                                         batch_requests=len(members))
                     _wake(e)
-                # A compute slot is free: every key's forming batch may go now (only their heads plan).
-                for q in self._queues.values():
-                    if q.entries:
-                        _wake(q.entries[0])
             if pooled and self._release is not None:
                 self._release(pooled)
         if self._on_batch is not None:
             self._on_batch(rows, len(members), input_s, infer_s, output_s, not errors)
+
+    def _free_slot(self, queue, seconds):
+        """One batch fewer computing (it took `seconds`): every key's forming batch may go now (only heads plan)."""
+        with self._lock:
+            self._running -= 1
+            queue.estimate = seconds if not queue.estimate else 0.5 * (queue.estimate + seconds)
+            for q in self._queues.values():
+                if q.entries:
+                    _wake(q.entries[0])
 
     # ------------------------------------------------------------------ lifecycle
     def pending(self):

@@ -345,6 +345,36 @@ def test_one_thread_computes_a_batch_and_the_others_only_wake_to_return():
         np.testing.assert_array_equal(y, x * 3 + 1)
 
 
+def test_the_next_batch_computes_while_the_last_one_is_copied_out():
+    """The compute slot is given back when the compute ends, not after the split: a caller whose output is slow to
+    fill does not hold up the next batch (one batch at a time, max_concurrent=1)."""
+    calls, second = [], threading.Event()
+
+    def compute(x, token):
+        calls.append(x.shape[0])
+        if len(calls) == 2:
+            second.set()
+        return x * 3 + 1
+
+    def slow_output(shape, dtype):
+        assert second.wait(30), "the second batch waited for the first one's copy-out"
+        return np.empty(shape, dtype)
+
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=1), max_concurrent=1)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault(0, batcher.run(rows(1, 0), output=slow_output)))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not calls:
+        assert time.monotonic() < deadline and first.is_alive()
+        time.sleep(0.002)
+    results[1] = batcher.run(rows(1, 10))  # computes while the first caller's copy-out is still blocked
+    first.join(30)
+    assert calls == [1, 1] and not first.is_alive()
+    for i in (0, 1):
+        np.testing.assert_array_equal(results[i], rows(1, 10 * i) * 3 + 1)
+
+
 # ---------------------------------------------------------------------------------------------- deadlines, cancel
 def test_a_deadline_shortens_the_wait_and_is_never_passed():
     compute = Recorder()
