@@ -9,7 +9,7 @@ from . import _kernels
 from ._blocking import k_block, pixel_tile
 from ._isa import ISA_NAMES, isa_level
 from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
-from ._threads import DEPTHWISE_FLOP_WEIGHT, limit_scipy_blas, resolve_num_threads
+from ._threads import DEPTHWISE_FLOP_WEIGHT, PACKED_NHWC_FLOP_WEIGHT, limit_scipy_blas, resolve_num_threads
 
 __all__ = ["ACTIVATIONS", "ALGORITHMS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes",
            "make_plan", "output_shape", "set_max_output_bytes"]
@@ -260,8 +260,14 @@ class ConvPlan:
 
     def work_flops(self, batch):
         """The work of a call with `batch` items as the thread-count cut-off sees it: the layer's FLOPs, times
-        ``DEPTHWISE_FLOP_WEIGHT`` for depthwise layers (their FLOPs are slower; see convcore._threads)."""
-        return self.geometry.flops(batch) * (DEPTHWISE_FLOP_WEIGHT if self._algo == ALGO_DEPTHWISE else 1)
+        ``DEPTHWISE_FLOP_WEIGHT`` for depthwise plans and ``PACKED_NHWC_FLOP_WEIGHT`` for packed NHWC ones (they
+        gain from the team at fewer FLOPs; measured, see convcore._threads)."""
+        flops = self.geometry.flops(batch)
+        if self._algo == ALGO_DEPTHWISE:
+            return flops * DEPTHWISE_FLOP_WEIGHT
+        if self._algo == ALGO_PACKED and self.geometry.channels_last:
+            return int(flops * PACKED_NHWC_FLOP_WEIGHT)
+        return flops
 
     def num_threads(self, batch=None, num_threads=None):
         """The OpenMP threads a call with `batch` items runs on (the plan's num_threads unless one is given here).

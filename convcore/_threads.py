@@ -17,11 +17,15 @@ __all__ = ["openmp_enabled", "resolve_num_threads", "usable_cpus", "limit_scipy_
 #: the OpenMP team costs more than it saves. Measured on this 2-vCPU VM: after an idle gap a 2-thread call of ~0.5 ms
 #: took 0.6 to 9 ms (waking the sleeping second vCPU), the same call on one thread a steady 0.8 ms (BENCHMARKS.md).
 SMALL_WORK_FLOPS = 50_000_000
-#: Depthwise FLOPs count this many times toward that cut-off: a depthwise FLOP takes ~2.5x the time of a dense one
-#: (40 vs 100-110 GFLOP/s per core, Zen 4) and the direct kernels are bound by loads, not by the team's wake-up, so
-#: MobileNet's dw3x3 C=144 @56² (8 MFLOP, ~0.2 ms on one core) ran 304 -> 165 us on 2 threads (measured,
-#: steady state); torch runs it on 2 threads in ~0.14 ms.
+#: How many times a FLOP of each kind of plan counts toward that cut-off (a plan's ``work_flops``), from the time it
+#: takes and from 1- vs 2-thread timings in steady state (Zen 4, 2 vCPUs):
+#: - depthwise: ~2.5x the time of a dense FLOP (40 vs 100-110 GFLOP/s per core) and bound by loads, not by the
+#:   team's wake-up: MobileNet's dw3x3 C=144 @56² (8 MFLOP, ~0.2 ms on one core) ran 304 -> 165 us on 2 threads
+#:   (torch runs it on 2 threads in ~0.14 ms);
+#: - packed NHWC: its items split pixels only, so small layers split well: MobileNet's 1x1 144->24 @56² (22 MFLOP)
+#:   ran 330 -> 220 us on 2 threads (the packed NCHW split of the same layer ran 331 -> 795 us: it keeps weight 1).
 DEPTHWISE_FLOP_WEIGHT = 8
+PACKED_NHWC_FLOP_WEIGHT = 2.5
 
 
 def _cgroup_cpu_limit():

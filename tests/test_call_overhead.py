@@ -132,9 +132,10 @@ def test_fast_input_check_keeps_the_messages():
 
 
 @pytest.mark.skipif(not convcore.openmp_enabled(), reason="built without OpenMP: one thread per call")
-def test_depthwise_work_counts_more_toward_the_thread_cut_off(monkeypatch, fresh_probes):
+def test_work_weights_toward_the_thread_cut_off(monkeypatch, fresh_probes):
     """A depthwise layer of 8 MFLOP (MobileNet's dw3x3 C=144 @56²) runs on the team, a dense one of the same FLOPs
-    on one thread; the plan says so through num_threads(), which the server can use to reserve CPUs."""
+    on one thread; packed NHWC plans count their FLOPs 2.5x. The plan says so through num_threads(), which the
+    server can use to reserve CPUs."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(threads, "_cgroup_cpu_limit", lambda: None)
@@ -145,9 +146,18 @@ def test_depthwise_work_counts_more_toward_the_thread_cut_off(monkeypatch, fresh
     assert dw.geometry.flops(1) == 2 * 144 * 56 * 56 * 9
     assert abs(dense.geometry.flops(1) - dw.geometry.flops(1)) < 0.01 * dw.geometry.flops(1)
     assert dw.work_flops(1) == threads.DEPTHWISE_FLOP_WEIGHT * dw.geometry.flops(1)
-    assert dense.work_flops(1) == dense.geometry.flops(1)
+    assert dense.work_flops(1) == int(threads.PACKED_NHWC_FLOP_WEIGHT * dense.geometry.flops(1))
     assert (dw.num_threads(), dense.num_threads()) == (4, 1)
     assert dw.num_threads(num_threads=2) == 2 and dense.num_threads(64) == 4
+    # MobileNet's 1x1 144->24 @56² (22 MFLOP): the packed NHWC plan takes the team, the NCHW one keeps one thread
+    w = np.ones((24, 144, 1, 1), np.float32)
+    nhwc = convcore.make_plan((1, 56, 56, 144), w, data_format="channels_last", kernel_layout="OIHW")
+    nchw = convcore.make_plan((1, 144, 56, 56), w)
+    assert nchw.work_flops(1) == nchw.geometry.flops(1) == 2 * 24 * 56 * 56 * 144
+    assert (nhwc.num_threads(), nchw.num_threads()) == (4, 1)
+    blas = convcore.make_plan((1, 56, 56, 144), w, data_format="channels_last", kernel_layout="OIHW",
+                              algorithm="blas")
+    assert blas.num_threads() == 1
     small = convcore.make_plan((1, 14, 14, 144), np.ones((3, 3, 1, 144), np.float32), groups=144, padding="same",
                                data_format="channels_last")
     assert small.num_threads() == 1   # 0.5 MFLOP: one thread even weighted
