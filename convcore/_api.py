@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _kernels
-from ._blocking import k_block, pixel_tile
+from ._blocking import L2_SHARE, cache_sizes, k_block, pixel_tile
 from ._isa import ISA_NAMES, isa_level
 from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
 from ._threads import DEPTHWISE_FLOP_WEIGHT, PACKED_NHWC_FLOP_WEIGHT, limit_scipy_blas, resolve_num_threads
@@ -294,18 +294,37 @@ class ConvPlan:
         geo = self.geometry
         P = math.prod(geo.out_spatial)
         cog = geo.Cout // geo.groups
+        if self._fold(n):   # tiles over the whole batch's pixels
+            P, n = n * P, 1
         ptiles, mtiles = -(-P // tile), -(-cog // mchunk)
         return {"tile": tile, "pixel_tiles": ptiles, "channel_chunk": mchunk, "channel_chunks": mtiles,
                 "k_block": self._kc if self._algo == ALGO_PACKED else None,
                 "items": n * geo.groups * ptiles * mtiles}
 
+    def _fold(self, n):
+        """Whether a packed NHWC call of `n` items tiles the batch's pixels as one range (items span images).
+
+        When an image has fewer output pixels than one L2-sized tile (7x7, 14x14 at batch 8), per-image items would
+        each stream the whole weight matrix from L3 (8 MiB on ResNet's 1x1 s2 1024->2048): folding the batch makes
+        fewer, fuller items. NHWC rows of consecutive images are consecutive in memory, so an item is still one
+        block of output rows. Forced tiles (tile_size) keep per-image items.
+        """
+        geo = self.geometry
+        return (self._algo == ALGO_PACKED and geo.channels_last and n > 1 and self._tile_size is None
+                and math.prod(geo.out_spatial) < pixel_tile(self._kc, self.dtype.itemsize, self._mr))
+
     def _tiling(self, n, nthreads):
-        """(pixels per tile, output channels per chunk, workspace elements per thread, pointer slots per thread)."""
+        """(pixels per tile, output channels per chunk, workspace elements per thread, pointer slots per thread).
+
+        Tiles run over one image's pixels, or over the whole batch's when _fold(n).
+        """
         geo = self.geometry
         P = math.prod(geo.out_spatial)
         cog = geo.Cout // geo.groups
         if self._algo == ALGO_DEPTHWISE:
             return P, cog, 0, 0
+        if self._fold(n):
+            P, n = n * P, 1
         itemsize = self.dtype.itemsize
         packed = self._algo == ALGO_PACKED
         # Packed chunks start on a micro-kernel panel: the channel dim is MR wide (NCHW) or NR wide (NHWC).
@@ -341,6 +360,12 @@ class ConvPlan:
                 # Too few pixel tiles to feed the team (small images, batch 1): split the output channels too.
                 mtiles = min(-(-2 * nthreads // items), cog // 16)
             mchunk = -(-cog // mtiles)
+            if packed and geo.channels_last:
+                # An NHWC item passes over its output tile (tile x mchunk) once per K block: keep it in L2.
+                # Splitting channels costs no extra weight traffic (each weight is still read once per pixel tile).
+                cmax = max(panel, int(cache_sizes()[1] * L2_SHARE) // (tile * itemsize) // panel * panel)
+                if mchunk > cmax:
+                    mchunk = -(-cog // -(-cog // cmax))   # equal chunks of at most cmax
         mchunk = min(-(-mchunk // panel) * panel, -(-cog // panel) * panel)
         if packed:
             if geo.channels_last:
@@ -390,7 +415,7 @@ class ConvPlan:
         geo = self.geometry
         tile, mchunk, ws, pws = self._tiling(n, nthreads)
         geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
-            tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack)
+            tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack, self._fold(n))
         facts = (geom, ws * nthreads, pws * nthreads)
         if len(self._per_call) >= self._FACTS_MAX:
             self._per_call.clear()

@@ -55,6 +55,7 @@ cdef struct Geom:
     bint narrow                  # packed NCHW: the narrow (2-vector) kernel variant
     int apack                    # packed NHWC, few channels per group: 1 gather the pixels into A panels,
                                  # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
+    bint fold                    # packed NHWC: pixel tiles run over the whole batch's N*P pixels (small images)
     const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
 
 
@@ -456,8 +457,19 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
     thread's `ws` (the plan sizes it for the item's border pixels). Otherwise (g.apack == 1) each K block is
     gathered through the per-tap pointers into [k][MR] pixel panels in `ws` and run by the gemm kind.
     """
-    cdef idx_t n, grp, p0, T, m0, M, co0
-    _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
+    cdef idx_t n, grp, p0, T, m0, M, co0, mt, pt, NP = g.N * g.P
+    if g.fold:
+        # Tiles over the batch's N*P pixels: p below is a batch-wide pixel index, n = p // P its image.
+        mt = it % g.mtiles
+        pt = (it // g.mtiles) % g.ptiles
+        grp = it // (g.mtiles * g.ptiles)
+        n = 0
+        p0 = pt * g.tile
+        T = NP - p0 if NP - p0 < g.tile else g.tile
+        m0 = mt * g.mchunk
+        M = g.Cog - m0 if g.Cog - m0 < g.mchunk else g.mchunk
+    else:
+        _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
     if M <= 0:
         return
     co0 = grp * g.Cog + m0
@@ -469,7 +481,7 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
     cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * g.Cig
     cdef floating* c = out + (n * g.P + p0) * g.Cout + co0
     cdef const floating* wg = wp + (grp * npg + m0 // NR) * CK * NR
-    cdef idx_t mp, i, p, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb, iw0, j
+    cdef idx_t mp, i, p, q, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb, iw0, j
     cdef const floating** pp
     cdef const floating* src
     cdef floating* ap
@@ -483,9 +495,14 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
                 for tap in range(KK):
                     pp[tap * MR] = zeros
                 continue
-            ow = p % g.OW
-            oh = (p // g.OW) % g.OH
-            od = p // (g.OW * g.OH)
+            if g.fold:
+                xn = x + (p // g.P) * g.D * g.H * g.W * g.C + grp * g.Cig
+                q = p % g.P
+            else:
+                q = p
+            ow = q % g.OW
+            oh = (q // g.OW) % g.OH
+            od = q // (g.OW * g.OH)
             tap = 0
             for kd in range(g.KD):
                 id_ = od * g.SD - g.PD + kd * g.DD
@@ -756,12 +773,13 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     """Run one planned convolution. Called only by convcore._api.ConvPlan, which has checked every size.
 
     geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mchunk, ws,
-    kc, MR, NR, narrow, apack). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs
+    kc, MR, NR, narrow, apack, fold). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs
     `ptrs` (the per-thread pointer workspace, ws_ptrs = ceil(tile / MR) * MR * KK entries per thread) and `zeros` (Cig zeros).
     """
     cdef Geom g
     (g.N, g.C, g.D, g.H, g.W, g.Cout, g.G, g.KD, g.KH, g.KW, g.SD, g.SH, g.SW, g.DD, g.DH, g.DW,
-     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR, g.narrow, g.apack) = geom
+     g.PD, g.PH, g.PW, g.OD, g.OH, g.OW, g.tile, g.mchunk, g.ws, g.kc, g.MR, g.NR, g.narrow, g.apack,
+     g.fold) = geom
     g.Cig = g.C // g.G
     g.Cog = g.Cout // g.G
     g.P = g.OD * g.OH * g.OW
@@ -810,6 +828,9 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
                 raise ValueError("packed NHWC run needs ptrs and zeros workspaces of the planned size")
             pwp = <const floating**> &ptrs[0]
             zp = &zeros[0]
+            if g.fold:
+                g.ptiles = _ceil_div(g.N * g.P, g.tile)
+                nitems = g.G * g.ptiles * g.mtiles
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()
                 _item_packed_nhwc(&g, xp, wp, bp, op, pwp + tid * pws, zp, wsp + tid * g.ws, it)

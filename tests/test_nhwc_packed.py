@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import convcore
+import convcore._blocking
 from convcore._isa import ISA_NAMES, cpu_isa
 
 from _conv_helpers import assert_conv_close, magnitude
@@ -120,3 +121,43 @@ def test_nan_weight_and_input_at_the_borders(level):
     w[0, 0, 0, 3] = np.nan
     _, y = _check(dict(padding="same"), x, w, b, f"{level} NaN/Inf at the borders")
     assert np.isnan(y[..., 3]).all() and np.isnan(y[0, :3, :3]).any() and not np.isnan(y[0, -3:, -3:, :3]).any()
+
+
+# (batch, spatial, ksize, strides, cin, cout, groups): images smaller than one tile, so the batch is tiled as one
+# range of pixels (items span images); K split over several blocks (cin 300), channel chunks (cout 1400 x 98-pixel
+# tiles passes the L2 bound of the output tile on a 1 MiB L2), groups, the row and the gather modes.
+FOLDED = {
+    "3x3 c64 @7²": (8, (7, 7), 3, 1, 64, 48, 1),
+    "1x1 s2 @14², K blocks": (8, (14, 14), 1, 2, 300, 40, 1),
+    "1x1 @7², channel chunks": (8, (7, 7), 1, 1, 24, 1400, 1),
+    "3x3 groups 4 @5²": (5, (5, 6), 3, 1, 32, 40, 4),
+    "7x7 s2 3 channels (rows mode)": (3, (9, 10), 7, 2, 3, 20, 1),
+    "3x3 2 groups of 3 (gather mode)": (4, (6, 5), 3, 1, 6, 10, 2),
+    "1-D k3": (6, (20,), 3, 1, 8, 16, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDED))
+def test_small_images_fold_the_batch(level, name, threads_for_any_size):
+    n, spatial, k, s, cin, cout, groups = FOLDED[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    for dtype in DTYPES:
+        x, w, b = _arrays(rng, spatial, k, cin, cout, groups, dtype, batch=n)
+        kw = dict(strides=s, padding="same", groups=groups, activation="relu")
+        plans = [convcore.make_plan(x.shape, w, b, data_format="channels_last", num_threads=t, **kw)
+                 for t in (1, 2, 3)]
+        assert plans[0]._fold(n), name
+        t = plans[1].tiling()
+        assert t["items"] == groups * t["pixel_tiles"] * t["channel_chunks"], t
+        if cout == 1400 and convcore._blocking.cache_sizes()[1] <= 1024 * 1024:
+            assert t["channel_chunks"] > 1, t
+        ys = [p.run(x) for p in plans]
+        expected = reference_conv(x, w, b, data_format="channels_last", **kw)
+        mag = magnitude(x, w, b, data_format="channels_last", strides=s, padding="same", groups=groups)
+        assert_conv_close(ys[0], expected, mag, dtype, f"{level} {name} {np.dtype(dtype)}")
+        for y in ys[1:]:
+            assert np.array_equal(y, ys[0]), name
+        # per-image items (batch 1) give the same bits as the folded batch
+        one = convcore.make_plan(x[2:3].shape, w, b, data_format="channels_last", **kw)
+        assert not one._fold(1)
+        assert np.array_equal(one.run(x[2:3]), ys[0][2:3]), name
