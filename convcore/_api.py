@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _kernels
-from ._blocking import k_block, pixel_tile
+from ._blocking import cache_sizes, k_block, pixel_tile
 from ._isa import ISA_NAMES, isa_level
 from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
 from ._threads import limit_scipy_blas, resolve_num_threads
@@ -28,6 +28,10 @@ MIN_TILE = 64
 NCHW_PADDED = 2
 #: ... used for rows of the padded grid up to this many pixels (a tile holds at least one whole row).
 PADDED_MAX_ROW = 4096
+#: ... and while the padded copy of a tile of 4 panels (all channels of a group, stride phases) fits in this many
+#: L2 sizes; tiles are then sized to keep the copy within it (a per-thread workspace: it must stay small next to
+#: the layer's own data; wider layers gather per tap, 8 x K x tile at most).
+PADDED_COPY_L2 = 2
 #: Bit for pixel tiles across the images of a batch (packed NCHW), set when one image's pixels fill less than this
 #: fraction of the kernel panels its tiles compute (7x7: 49 of 64 columns).
 NCHW_BATCHED = 4
@@ -177,6 +181,10 @@ class ConvPlan:
         self._padded = (self._algo == ALGO_PACKED and not geo.channels_last and not self._general
                         and c[0] == 1 and c[3] == 1 and c[15] == 1 and (c[16] > 1 or c[4] > 1) and c[4] * c[5] > 1
                         and c[17] + (c[5] - 1) * c[11] // c[8] <= PADDED_MAX_ROW)
+        if self._padded:
+            rows = min(c[16], -(-4 * self._nr // self._padded_grid(1)[0]))
+            if self._padded_copy_bytes(rows) > PADDED_COPY_L2 * cache_sizes()[1]:
+                self._padded = False
         if not geo.channels_last:
             # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
             # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
@@ -374,6 +382,12 @@ class ConvPlan:
         ws = self._kc * (tile + 64 // itemsize) + mchunk * tile
         return tile, mchunk, ws, 0
 
+    def _padded_copy_bytes(self, rows):
+        """Bytes of the padded input copy of a tile of `rows` output rows."""
+        c, geo = self._canon, self.geometry
+        wp, _, hx = self._padded_grid(rows)
+        return (geo.C // geo.groups) * c[7] * c[8] * hx * wp * self.dtype.itemsize
+
     def _padded_grid(self, rows):
         """(Wp, tq, Hx) of the padded-input path for tiles of `rows` output rows (the formulas of _kernels.run)."""
         c = self._canon
@@ -400,6 +414,9 @@ class ConvPlan:
             rows = max(1, min(oh, self._tile_size // ow))
         else:
             rmax = max(1, min(oh, pixel_tile(self._kc, itemsize, 1) // wp))
+            budget = PADDED_COPY_L2 * cache_sizes()[1]
+            while rmax > 1 and self._padded_copy_bytes(rmax) > budget:
+                rmax -= 1
             rmin = min(rmax, -(-4 * self._nr // wp))
             best = None
             for rows in range(rmin, rmax + 1):

@@ -186,3 +186,19 @@ def test_which_layers_tile_across_the_batch():
         assert small.tiling()["across_batch"] and not small.tiling(batch=1)["across_batch"]
     plan = convcore.make_plan((4, 8, 28, 28), np.zeros((8, 8, 3, 3), np.float32), padding="same")
     assert not plan.tiling()["across_batch"]
+
+
+def test_padded_copy_stays_bounded():
+    """The padded copy is a per-thread workspace: tiles keep it within PADDED_COPY_L2 L2 sizes, and a layer whose
+    copy of a 4-panel tile would exceed that (very many channels on wide rows) gathers per tap instead."""
+    from convcore._api import PADDED_COPY_L2
+    from convcore._blocking import cache_sizes
+
+    budget = PADDED_COPY_L2 * cache_sizes()[1]
+    for cin, hw in ((64, 224), (512, 56), (1024, 14), (2048, 56)):
+        plan = convcore.make_plan((1, cin, hw, hw), np.zeros((8, cin, 3, 3), np.float32), padding="same")
+        if plan._padded:
+            rows = plan.tiling()["tile"] // hw
+            assert plan._padded_copy_bytes(rows) <= budget or rows == 1, (cin, hw, rows)
+        else:
+            assert plan._padded_copy_bytes(min(hw, -(-4 * plan._nr // (hw + 2)))) > budget, (cin, hw)
