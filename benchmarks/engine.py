@@ -213,18 +213,18 @@ def _try_import(name):
 class RowData:
     """The arrays of one row, shared by every contender: input in both layouts, weights, preallocated outputs."""
 
-    def __init__(self, layer, n, seed=0):
+    def __init__(self, layer, n, seed=0, dtype=np.float32):
         rng = np.random.default_rng(seed)
         self.layer, self.n = layer, n
         nsp = layer.nsp
-        self.x_cf = rng.standard_normal((n, layer.c_in) + layer.spatial, dtype=np.float32)
+        self.x_cf = rng.standard_normal((n, layer.c_in) + layer.spatial, dtype=dtype)
         self.x_cl = np.ascontiguousarray(np.moveaxis(self.x_cf, 1, -1))
-        w = rng.standard_normal((layer.c_out, layer.c_in // layer.groups) + layer.kernel, dtype=np.float32)
-        self.w_oi = w * np.float32(1.0 / math.sqrt(layer.gemm_k))
+        w = rng.standard_normal((layer.c_out, layer.c_in // layer.groups) + layer.kernel, dtype=dtype)
+        self.w_oi = w * w.dtype.type(1.0 / math.sqrt(layer.gemm_k))
         # HWIO (Keras) for the NHWC plan: the layout a channels_last user hands in.
         self.w_io = np.ascontiguousarray(np.transpose(self.w_oi, tuple(range(2, 2 + nsp)) + (1, 0)))
-        self.out_cf = np.zeros((n, layer.c_out) + layer.out_spatial, dtype=np.float32)
-        self.out_cl = np.zeros((n,) + layer.out_spatial + (layer.c_out,), dtype=np.float32)
+        self.out_cf = np.zeros((n, layer.c_out) + layer.out_spatial, dtype=dtype)
+        self.out_cl = np.zeros((n,) + layer.out_spatial + (layer.c_out,), dtype=dtype)
 
 
 @dataclass
@@ -327,8 +327,8 @@ def ort_contenders(d, threads):
     """onnxruntime on a one-node Conv model with explicit pads, input and output bound once (IOBinding)."""
     ort = sys.modules.get("onnxruntime")
     onnx = sys.modules.get("onnx")
-    if ort is None or onnx is None:
-        return []
+    if ort is None or onnx is None or d.x_cf.dtype != np.float32:
+        return []  # (the float64 run compares convcore with torch only)
     from onnx import TensorProto, helper, numpy_helper
 
     ly = d.layer
@@ -365,8 +365,8 @@ def gemm_contender(d):
     g, k, p = ly.groups, ly.gemm_k, math.prod(ly.out_spatial)
     rng = np.random.default_rng(2)
     w = d.w_oi.reshape(g, ly.c_out // g, k)
-    col = rng.standard_normal((d.n, g, k, p), dtype=np.float32)
-    out = np.empty((d.n, g, ly.c_out // g, p), dtype=np.float32)
+    col = rng.standard_normal((d.n, g, k, p), dtype=d.x_cf.dtype)
+    out = np.empty((d.n, g, ly.c_out // g, p), dtype=d.x_cf.dtype)
     return Contender("GEMM limit", lambda: np.matmul(w, col, out=out), None)
 
 
@@ -487,7 +487,7 @@ def check_outputs(d, contenders):
 
 def bench_row(layer, n, args):
     """Run every available contender on one row; return a dict with medians, spreads and the check result."""
-    d = RowData(layer, n)
+    d = RowData(layer, n, dtype=np.dtype(args.dtype))
     cc, algo = convcore_contenders(d, args.threads, per_call=not args.no_per_call)
     contenders = cc + torch_contenders(d) + ort_contenders(d, args.threads) + [gemm_contender(d)]
     bad = check_outputs(d, contenders)
@@ -774,7 +774,7 @@ def bench_row_isa(layer, n, args, isa):
     old = os.environ.get("CONVCORE_ISA")
     os.environ["CONVCORE_ISA"] = isa
     try:
-        d = RowData(layer, n)
+        d = RowData(layer, n, dtype=np.dtype(args.dtype))
         cc, _ = convcore_contenders(d, args.threads, per_call=False)
         contenders = [c for c in cc if c.name in ("cc NCHW", "cc NHWC")] + torch_contenders(d)
         samples = time_contenders(contenders, args.repeats, args.pause, warmup_s=0.05 if args.quick else 0.2)
@@ -859,7 +859,7 @@ def render_section(args, info, peak, malloc_note, results, mem, largest, summary
            *machine_lines(info, peak),
            f"- Threads: {args.threads} for every contender (convcore `num_threads`, `torch.set_num_threads`, ORT "
            f"`intra_op_num_threads`, numpy's OpenBLAS via threadpoolctl).",
-           f"- Method: one process; float32; \"same\" padding; no bias. Per row a warm-up, then {args.repeats} "
+           f"- Method: one process; {args.dtype}; \"same\" padding; no bias. Per row a warm-up, then {args.repeats} "
            f"interleaved rounds (every contender {TIMED_PER_ROUND} timed calls per round, fewer once they took "
            f"{1e3 * TIMED_MAX_S:.0f} ms; pool order rotated); "
            f"{args.pause:.2f} s pause before each switch of thread pool, then untimed calls until one runs within "
@@ -927,6 +927,9 @@ def parse_args(argv):
                         "(default 0.5; quick: 0 = never)")
     p.add_argument("--no-isa-rerun", action="store_true",
                    help="skip the extra run with CONVCORE_ISA=avx2 on an AVX-512 machine (--quick skips it too)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="element type of every contender (default float32; float64 runs without ORT and memory "
+                        "probes, and needs --output: the GEMM peak stays the float32 one)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -941,6 +944,10 @@ def parse_args(argv):
         args.rerun_spread = 0.0 if args.quick else 0.5
     if args.mem is None:
         args.mem = "largest" if args.quick else "all"
+    if args.dtype != "float32":
+        if args.output is None:
+            p.error("--dtype float64 needs --output (BENCHMARKS.md's generated section is the float32 run)")
+        args.mem = "none"
     if args.output is None:
         args.output = os.path.join(ROOT, "BENCHMARKS.md")
     args.argv = list(argv)
