@@ -182,7 +182,9 @@ class _ClientMethods:
         -------
         dict
             ``name``, ``dtype``, ``input_channels``, ``output_channels``, ``spatial_dims``, ``data_format`` and
-            ``layers``: per layer ``kernel_shape``, ``bias`` (bool) and its `conv` options.
+            ``layers``: per layer ``kernel_shape``, ``bias`` (bool) and its `conv` options; ``batching``: the
+            dynamic-batching settings in force (``max_batch_size``, ``preferred_batch_size``,
+            ``max_queue_delay_microseconds``, the server's defaults filled in), or None.
 
         Raises
         ------

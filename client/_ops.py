@@ -212,6 +212,11 @@ def model_dict(info):
         "data_format": "channels_last" if info.channels_last else "channels_first",
         "layers": [{"kernel_shape": tuple(layer.kernel_shape), "bias": layer.has_bias, **wire.spec_kwargs(layer.spec, strict=False)}
                    for layer in info.layers],
+        # Dynamic batching in force (Triton's names, the server's defaults filled in), or None.
+        "batching": {"max_batch_size": info.batching.max_batch_size,
+                     "preferred_batch_size": list(info.batching.preferred_batch_size),
+                     "max_queue_delay_microseconds": info.batching.max_queue_delay_microseconds}
+                    if info.HasField("batching") else None,
     }
 
 

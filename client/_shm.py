@@ -87,9 +87,12 @@ class SharedMemoryRegion:
         return np.frombuffer(self._map, dtype, count, offset).reshape(shape)
 
     def write(self, x, offset=0):
-        """Copy `x` into the region at `offset` (one copy); return the number of bytes written."""
+        """Copy `x` into the region at `offset` (one copy, none if `x` is already that array: see `array`);
+        return the number of bytes written."""
         x = np.asarray(x)
-        self.array(x.shape, x.dtype, offset)[...] = x
+        target = self.array(x.shape, x.dtype, offset)
+        if not (x.flags.c_contiguous and x.ctypes.data == target.ctypes.data):
+            target[...] = x
         return x.nbytes
 
     def output_offset(self, input_nbytes):
@@ -127,6 +130,8 @@ def _shm_params(params, region, byte_size, offset):
 
 def infer_request(model_name, x, region, input_name="input", output_name="output"):
     """Write `x` into `region` and build the ModelInfer request that points the server at it.
+
+    A caller that builds its input in place, ``x = region.array(shape, dtype)`` and fills it, pays no copy here.
 
     Returns
     -------

@@ -183,10 +183,13 @@ _QUEUED, _RUNNING, _DONE, _LEFT = range(4)
 
 
 class _Entry:
-    __slots__ = ("x", "rows", "queue", "arrival", "deadline", "state", "result", "error", "batch", "dispatched",
-                 "timing")
+    """One request. Its thread sleeps on `wake`, a lock held from the start and released by whoever has news for
+    this entry only (the batcher's lock held): one wake-up per event and per thread concerned, never a broadcast."""
 
-    def __init__(self, x, deadline, timing):
+    __slots__ = ("x", "rows", "queue", "arrival", "deadline", "state", "result", "error", "batch", "dispatched",
+                 "timing", "output", "wake", "sleeping")
+
+    def __init__(self, x, deadline, timing, output):
         self.x = x
         self.rows = x.shape[0]
         self.queue = None
@@ -196,6 +199,10 @@ class _Entry:
         self.result = self.error = self.batch = None
         self.dispatched = None
         self.timing = timing
+        self.output = output
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.sleeping = False
 
 
 class _Batch:
@@ -208,15 +215,24 @@ class _Batch:
 
 
 class _Queue:
-    """The requests of one key, waiting in arrival order, and the condition their threads wait on."""
+    """The requests of one key, waiting in arrival order. Its head is the leader: the only thread that plans and
+    times the batch (the others sleep until they are done, gone, or become the head)."""
 
-    __slots__ = ("key", "entries", "cond", "estimate")
+    __slots__ = ("key", "entries", "rows", "estimate", "leader_wake")
 
-    def __init__(self, key, lock):
+    def __init__(self, key):
         self.key = key
         self.entries = collections.deque()
-        self.cond = threading.Condition(lock)
-        self.estimate = 0.0  # seconds the last batch of this key took to compute
+        self.rows = 0              # rows of every queued entry
+        self.estimate = 0.0        # seconds the last batch of this key took to compute
+        self.leader_wake = math.inf  # when the head plans to look again (inf: when woken)
+
+
+def _wake(entry):
+    """Wake `entry`'s thread if it sleeps (call with the batcher's lock held)."""
+    if entry.sleeping:
+        entry.sleeping = False
+        entry.wake.release()
 
 
 class DynamicBatcher:
@@ -227,31 +243,37 @@ class DynamicBatcher:
     compute : callable
         ``compute(x, token) -> y``: run the model on `x` (a batch, rows along axis 0) and return an array whose
         axis 0 has one entry per input row. `token` has ``cancelled`` and ``check()`` (raises RequestCancelled),
-        set when every member of the batch has left. The returned array must not be reused by the compute
-        afterwards (members read their rows after it returns).
+        set when every member of the batch has left.
     config : BatchingConfig
     max_concurrent : int
         Batches computing at once (the compute slots this model may use).
     on_batch : callable, optional
-        ``on_batch(rows, requests, input_seconds, infer_seconds, ok)`` after every batch (metrics, statistics);
-        ``input_seconds`` is the concatenation, ``infer_seconds`` the compute.
+        ``on_batch(rows, requests, input_seconds, infer_seconds, output_seconds, ok)`` after every batch (metrics,
+        statistics); ``input_seconds`` is gathering the rows into one array, ``infer_seconds`` the compute,
+        ``output_seconds`` the split into the callers' outputs.
+    allocate, release : callable, optional
+        ``allocate(shape, dtype) -> array`` gives the batch's input array, ``release(arrays)`` takes back arrays
+        no longer used (the batch input, and the batch output once every member's rows were copied out): a pool,
+        so that a large batch does not page-fault fresh memory on every call.
     name : str
         The model's name, for messages.
     """
 
-    def __init__(self, compute, config, *, max_concurrent=1, on_batch=None, name=""):
+    def __init__(self, compute, config, *, max_concurrent=1, on_batch=None, allocate=None, release=None, name=""):
         self.config = config
         self.name = name
         self._compute = compute
         self._max_concurrent = _positive_int("max_concurrent", max_concurrent)
         self._on_batch = on_batch
+        self._allocate = allocate or np.empty
+        self._release = release
         self._lock = threading.Lock()
         self._queues = {}
         self._running = 0
         self._closed = False
 
     # ------------------------------------------------------------------ the caller's side
-    def run(self, x, *, deadline=None, add_callback=None, timing=None):
+    def run(self, x, *, deadline=None, add_callback=None, timing=None, output=None):
         """Compute `x` as part of a batch; return its own rows of the batch output.
 
         Parameters
@@ -265,12 +287,15 @@ class DynamicBatcher:
             (cancelled, past its deadline, or done); False means it has ended already.
         timing : dict, optional
             Filled with ``queue_seconds`` (arrival to dispatch), ``input_seconds``, ``infer_seconds``,
-            ``batch_rows`` and ``batch_requests`` of the batch this request was computed in.
+            ``output_seconds``, ``batch_rows`` and ``batch_requests`` of the batch this request was computed in.
+        output : callable, optional
+            ``output(shape, dtype) -> array`` where this request's rows go (e.g. the payload of its response). The
+            thread that computed the batch copies them there, so a caller wakes up with its answer complete.
 
         Returns
         -------
         numpy.ndarray
-            ``y[i:j]`` of the batch output for this request's rows (a view).
+            The array `output` gave, filled; without `output`, a view of this request's rows of the batch output.
 
         Raises
         ------
@@ -279,7 +304,7 @@ class DynamicBatcher:
         BatchDeadlineExceeded, RequestCancelled
             The deadline passed, or the caller went away, before its rows were computed.
         Exception
-            Whatever the compute raised for this request computed alone.
+            Whatever the compute (or `output`) raised for this request computed alone.
         """
         if not isinstance(x, np.ndarray) or x.ndim < 1:
             raise InvalidArgument(f"input must be an array with a batch axis, got "
@@ -287,26 +312,58 @@ class DynamicBatcher:
         if not 1 <= x.shape[0] <= self.config.max_batch_size:
             raise InvalidArgument(f"input has batch {x.shape[0]} (shape {list(x.shape)}), model {self.name!r} takes "
                                   f"1 to {self.config.max_batch_size} rows per request (its max_batch_size)")
-        entry = _Entry(x, deadline, timing)
+        entry = _Entry(x, deadline, timing, output)
         key = (x.shape[1:], x.dtype.str)
         with self._lock:
             if self._closed:
                 raise RequestCancelled("the server is shutting down")
             queue = self._queues.get(key)
             if queue is None:
-                queue = self._queues[key] = _Queue(key, self._lock)
+                queue = self._queues[key] = _Queue(key)
             entry.queue = queue
             queue.entries.append(entry)
-            queue.cond.notify_all()  # a forming batch may now be full or of a preferred size
+            queue.rows += entry.rows
+            head = queue.entries[0]
+            if head is not entry and self._news_for_leader(queue, entry):
+                _wake(head)
         if add_callback is not None and not add_callback(lambda: self._leave(entry, cancelled=True)):
             self._leave(entry, cancelled=True)
         batch = self._wait(entry, queue)
         if batch is not None:
             self._dispatch(batch, queue)
-        return self._outcome(entry)
+        if entry.error is not None:
+            raise entry.error
+        return entry.result
+
+    def _news_for_leader(self, queue, entry):
+        """Whether `entry`'s arrival can make the head's batch go before the head's own timer says."""
+        if self._running >= self._max_concurrent:
+            return False  # no batch can go until one finishes, and the finishing one wakes every head
+        cfg = self.config
+        if queue.rows >= cfg.max_batch_size or queue.rows in cfg.preferred_batch_size:
+            return True
+        return entry.deadline is not None and self._earliest(queue, entry) < queue.leader_wake
+
+    @staticmethod
+    def _earliest(queue, e):
+        # Leave the compute time of this key's last batch, and never spend more than half of what was left of a
+        # request's time on waiting for others (the first batch has no estimate yet).
+        return e.deadline - max(queue.estimate, (e.deadline - e.arrival) / 2)
+
+    def _sleep(self, entry, timeout):
+        """Release the batcher's lock and sleep until woken or `timeout` seconds (None: no limit); relock."""
+        entry.sleeping = True
+        self._lock.release()
+        try:
+            entry.wake.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
+        finally:
+            self._lock.acquire()
+            # Timed out (or woken just after timing out: the lock is then free and the next sleep returns at once,
+            # a spurious wake-up the loop absorbs).
+            entry.sleeping = False
 
     def _wait(self, entry, queue):
-        """Wait until `entry` is done or gone, or it should dispatch a batch itself (returned, already taken)."""
+        """Wait until `entry` is done or gone, or it heads the queue and its batch should go (returned, taken)."""
         with self._lock:
             while True:
                 if entry.state in (_DONE, _LEFT):
@@ -316,20 +373,20 @@ class DynamicBatcher:
                     self._leave_locked(entry, cancelled=False)
                     return None
                 wake = entry.deadline if entry.deadline is not None else math.inf
-                if entry.state == _QUEUED:
+                if entry.state == _QUEUED and queue.entries[0] is entry:
                     members, ready_at = self._plan(queue, now)
-                    if members is not None and entry in members:
+                    if members is not None:
                         return self._take(members, queue, now)
-                    if members is None:
-                        wake = min(wake, ready_at)
-                queue.cond.wait(None if wake == math.inf else max(wake - now, 0.0))
+                    queue.leader_wake = ready_at
+                    wake = min(wake, ready_at)
+                self._sleep(entry, None if wake == math.inf else wake - now)
 
     def _plan(self, queue, now):
         """(members, None) if the head batch of `queue` should go now, else (None, time it becomes ready)."""
+        if self._running >= self._max_concurrent:
+            return None, math.inf  # woken when a batch finishes
         cfg = self.config
         entries = queue.entries
-        if not entries:
-            return None, math.inf
         members, rows, preferred = [], 0, 0
         earliest = math.inf
         for e in entries:
@@ -340,11 +397,7 @@ class DynamicBatcher:
             if rows in cfg.preferred_batch_size:
                 preferred = len(members)
             if e.deadline is not None:
-                # Leave the compute time of this key's last batch, and never spend more than half of what was
-                # left of a request's time on waiting for others (the first batch has no estimate yet).
-                earliest = min(earliest, e.deadline - max(queue.estimate, (e.deadline - e.arrival) / 2))
-        if self._running >= self._max_concurrent:
-            return None, math.inf  # woken when a batch finishes
+                earliest = min(earliest, self._earliest(queue, e))
         ready_at = min(members[0].arrival + cfg.max_queue_delay, earliest)
         if now >= ready_at or rows == cfg.max_batch_size or len(members) < len(entries):
             return members, None
@@ -356,15 +409,19 @@ class DynamicBatcher:
         batch = _Batch(members)
         for e in members:
             queue.entries.popleft()  # members are the head of the queue, in order
+            queue.rows -= e.rows
             e.state, e.batch, e.dispatched = _RUNNING, batch, now
         self._running += 1
-        self._drop_if_empty(queue)
-        queue.cond.notify_all()  # the next requests are now the head: their batch may be ready too
+        queue.leader_wake = math.inf
+        if queue.entries:
+            _wake(queue.entries[0])  # the new head leads the next batch (it is computed when a slot frees)
+        else:
+            self._drop_if_empty(queue)
         return batch
 
     def _drop_if_empty(self, queue):
         # One queue per distinct input shape: forget it once empty, so varied shapes do not pile up. Threads still
-        # waiting on its condition hold it through their entries and are notified through it.
+        # holding it through their entries do not need it in the dict.
         if not queue.entries and self._queues.get(queue.key) is queue:
             del self._queues[queue.key]
 
@@ -375,8 +432,16 @@ class DynamicBatcher:
     def _leave_locked(self, entry, cancelled):
         queue = entry.queue
         if entry.state == _QUEUED:
+            was_head = queue.entries[0] is entry
             queue.entries.remove(entry)
-            self._drop_if_empty(queue)
+            queue.rows -= entry.rows
+            if queue.entries:
+                # The head leads with one entry less (a new head, or a batch that now has a preferred size).
+                if was_head:
+                    queue.leader_wake = math.inf
+                _wake(queue.entries[0])
+            else:
+                self._drop_if_empty(queue)
         elif entry.state == _RUNNING:
             entry.batch.alive -= 1
             if entry.batch.alive == 0:
@@ -387,35 +452,58 @@ class DynamicBatcher:
         entry.error = (RequestCancelled("the client cancelled the call or its deadline passed") if cancelled else
                        BatchDeadlineExceeded(f"the request's deadline passed while it waited for a batch of model "
                                              f"{self.name!r}"))
-        queue.cond.notify_all()  # the forming batch changed; its members re-plan
-
-    @staticmethod
-    def _outcome(entry):
-        if entry.error is not None:
-            raise entry.error
-        return entry.result
+        _wake(entry)  # the cancel callback runs on another thread: the caller returns now
 
     # ------------------------------------------------------------------ computing a batch
+    def _deliver(self, e, rows):
+        """The caller's answer: `rows` copied into its own output (when it gave one), else `rows` itself."""
+        if e.output is None:
+            return rows
+        out = e.output(rows.shape, rows.dtype)
+        out[...] = rows
+        return out
+
     def _dispatch(self, batch, queue):
-        """Concatenate, compute, split (on the calling member's thread); on a batch error compute each alone."""
+        """Gather, compute, split into each member's output (on the calling member's thread); on a batch error
+        compute each member alone."""
         members = batch.members
         rows = sum(e.rows for e in members)
         t0 = time.perf_counter()
         results, errors = {}, {}
-        input_s = infer_s = 0.0
+        input_s = infer_s = output_s = 0.0
+        pooled = []
+        slot_held = True
         try:
-            x = members[0].x if len(members) == 1 else np.concatenate([e.x for e in members])
+            if len(members) == 1:
+                x = members[0].x
+            else:
+                first = members[0].x
+                x = self._allocate((rows, *first.shape[1:]), first.dtype)
+                pooled.append(x)
+                np.concatenate([e.x for e in members], out=x)
             t1 = time.perf_counter()
             input_s = t1 - t0
             y = self._compute(x, batch.token)
-            infer_s = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            infer_s = t2 - t1
             if not isinstance(y, np.ndarray) or y.ndim < 1 or y.shape[0] != rows:
                 raise RuntimeError(f"the compute of model {self.name!r} returned "
                                    f"{getattr(y, 'shape', type(y).__name__)} for a batch of {rows} rows")
+            # The compute is over: the next batch may go while this thread copies the rows out (on a large
+            # model that copy is a millisecond the compute slot would otherwise sit idle).
+            self._free_slot(queue, infer_s + input_s)
+            slot_held = False
             start = 0
             for e in members:
-                results[e] = y[start:start + e.rows]
+                if e.state == _RUNNING:  # read without the lock: at worst one needless copy for a leaver
+                    try:
+                        results[e] = self._deliver(e, y[start:start + e.rows])
+                    except Exception as exc:  # noqa: BLE001 - this member's output failed: its own error
+                        errors[e] = exc
                 start += e.rows
+            if all(e.output is not None for e in members):
+                pooled.append(y)  # every answer was copied out: the batch output can be reused
+            output_s = time.perf_counter() - t2
         except RequestCancelled as exc:
             errors = dict.fromkeys(members, exc)
         except Exception as exc:  # noqa: BLE001 - isolate: compute each member alone, each gets its own outcome
@@ -423,23 +511,23 @@ class DynamicBatcher:
                 log.warning("a batch of %d requests (%d rows) of model %r failed (%s: %s); computing them one by "
                             "one", len(members), rows, self.name, type(exc).__name__, exc)
             results.clear()
+            errors.clear()
             t1 = time.perf_counter()
             for e in members:
                 if len(members) == 1:
                     errors[e] = exc
                     break
                 if e.state != _RUNNING:
-                    continue  # left meanwhile (read without the lock: at worst one needless compute)
+                    continue  # left meanwhile
                 try:
-                    results[e] = self._compute(e.x, batch.token)
+                    results[e] = self._deliver(e, self._compute(e.x, batch.token))
                 except Exception as one:  # noqa: BLE001 - this member's own error, raised in its thread
                     errors[e] = one
             infer_s += time.perf_counter() - t1
         finally:
+            if slot_held:
+                self._free_slot(queue, infer_s + input_s)
             with self._lock:
-                self._running -= 1
-                estimate = infer_s + input_s
-                queue.estimate = estimate if not queue.estimate else 0.5 * (queue.estimate + estimate)
                 for e in members:
                     if e.state != _RUNNING:
                         continue  # left already; its rows are dropped
@@ -449,14 +537,22 @@ class DynamicBatcher:
                         e.error = RuntimeError(f"batch of model {self.name!r} ended without a result")
                     if e.timing is not None:
                         e.timing.update(queue_seconds=e.dispatched - e.arrival, input_seconds=input_s,
-                                        infer_seconds=infer_s, batch_rows=rows, batch_requests=len(members))
-                # A compute slot is free: every key's forming batch may go now.
-                queue.cond.notify_all()
-                for q in self._queues.values():
-                    if q is not queue:
-                        q.cond.notify_all()
+                                        infer_seconds=infer_s, output_seconds=output_s, batch_rows=rows,
+                                        batch_requests=len(members))
+                    _wake(e)
+            if pooled and self._release is not None:
+                self._release(pooled)
         if self._on_batch is not None:
-            self._on_batch(rows, len(members), input_s, infer_s, not errors)
+            self._on_batch(rows, len(members), input_s, infer_s, output_s, not errors)
+
+    def _free_slot(self, queue, seconds):
+        """One batch fewer computing (it took `seconds`): every key's forming batch may go now (only heads plan)."""
+        with self._lock:
+            self._running -= 1
+            queue.estimate = seconds if not queue.estimate else 0.5 * (queue.estimate + seconds)
+            for q in self._queues.values():
+                if q.entries:
+                    _wake(q.entries[0])
 
     # ------------------------------------------------------------------ lifecycle
     def pending(self):

@@ -63,4 +63,14 @@ def model_info(model):
         name=model.name, dtype=wire.WIRE_DTYPE[model.dtype.newbyteorder("=")], input_channels=model.in_channels,
         output_channels=model.out_channels, spatial_dims=model.nsp, channels_last=model.channels_last,
         layers=[conv_pb2.ModelInfo.LayerInfo(spec=wire.spec_message(**layer.options), kernel_shape=layer.kernel.shape,
-                                             has_bias=layer.bias is not None) for layer in model.layers])
+                                             has_bias=layer.bias is not None) for layer in model.layers],
+        batching=_batching_message(model.batching))
+
+
+def _batching_message(config):
+    """The batching settings in force (a `BatchingConfig`, server defaults filled in) as a message, or None."""
+    if config is None:
+        return None
+    return conv_pb2.DynamicBatching(max_batch_size=config.max_batch_size,
+                                    preferred_batch_size=config.preferred_batch_size,
+                                    max_queue_delay_microseconds=config.max_queue_delay_microseconds)

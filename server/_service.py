@@ -131,12 +131,9 @@ class InferenceService:
                 stats.execution(x.shape[0], 0.0, timing["infer_seconds"])
                 timing["queue_seconds"] = timing.pop("started") - started
             else:
-                rows = self._batcher(model).run(x, deadline=_deadline(context), add_callback=context.add_callback,
-                                                timing=timing)
-                copy_started = time.perf_counter()
-                out = output(route.output_shape, model.dtype)
-                out[...] = rows
-                timing["output_seconds"] = time.perf_counter() - copy_started
+                # The batch's thread copies this caller's rows straight into `output` (the response payload).
+                out = self._batcher(model).run(x, deadline=_deadline(context), add_callback=context.add_callback,
+                                               timing=timing, output=output)
                 if self.metrics is not None:
                     self.metrics.observe_batching_queue(model.name, timing["queue_seconds"])
             if after is not None:
@@ -167,7 +164,8 @@ class InferenceService:
                     model.batcher = DynamicBatcher(
                         functools.partial(self._batch_compute, model), model.batching,
                         max_concurrent=self.executor.slots, name=model.name,
-                        on_batch=functools.partial(self._on_batch, model.name))
+                        on_batch=functools.partial(self._on_batch, model.name),
+                        allocate=self.executor.buffers.take, release=self.executor.buffers.give)
                 batcher = model.batcher
         return batcher
 
@@ -179,13 +177,13 @@ class InferenceService:
         nbytes = math.prod(route.output_shape) * model.dtype.itemsize
         if self.max_output_bytes is not None and nbytes > self.max_output_bytes:
             raise LimitExceeded(f"a batch of {x.shape[0]} rows would output {nbytes} bytes, over --max-output-mb")
-        # A fresh output: the callers copy their rows out of it after this thread has moved on.
-        return self.executor.run(token, self._infer_job, model, route, x, lambda shape, dtype: np.empty(shape, dtype),
+        # From the pool: the batcher gives it back once every caller's rows are copied out.
+        return self.executor.run(token, self._infer_job, model, route, x, self.executor.buffers.take,
                                  threads=route.threads, label=model.name)
 
-    def _on_batch(self, name, rows, requests, input_seconds, infer_seconds, ok):
+    def _on_batch(self, name, rows, requests, input_seconds, infer_seconds, output_seconds, ok):
         if ok:
-            self.statistics.model(name).execution(rows, input_seconds, infer_seconds)
+            self.statistics.model(name).execution(rows, input_seconds, infer_seconds, output_seconds)
         if self.metrics is not None:
             self.metrics.observe_batch(name, rows)
 

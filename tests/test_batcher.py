@@ -25,6 +25,7 @@ class Recorder:
     def __init__(self, gate=None, fail=None):
         self.batches = []
         self.tokens = []
+        self.threads = []  # the thread that computed each batch
         self.gate = gate
         self.fail = fail
         self.started = threading.Event()
@@ -34,6 +35,7 @@ class Recorder:
         with self.lock:
             self.batches.append(x.shape[0])
             self.tokens.append(token)
+            self.threads.append(threading.current_thread())
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(30), "test gate never opened"
@@ -42,15 +44,16 @@ class Recorder:
         return x * 3 + 1
 
 
-def run_threads(batcher, inputs, delays=None, **kwargs):
-    """Submit each input from its own thread (after its delay); return (results, errors) lists."""
+def run_threads(batcher, inputs, delays=None, per_call=None, **kwargs):
+    """Submit each input from its own thread (after its delay, with its own `per_call` keywords on top of
+    `kwargs`); return (results, errors) lists."""
     results, errors = [None] * len(inputs), [None] * len(inputs)
 
     def one(i):
         if delays:
             time.sleep(delays[i])
         try:
-            results[i] = batcher.run(inputs[i], **kwargs)
+            results[i] = batcher.run(inputs[i], **kwargs, **(per_call[i] if per_call else {}))
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             errors[i] = exc
 
@@ -280,6 +283,98 @@ def test_a_compute_that_returns_the_wrong_rows_is_an_error():
         DynamicBatcher(lambda x, token: x[:1], BatchingConfig(max_batch_size=2), name="m").run(rows(2, 0))
 
 
+def test_rows_are_copied_into_each_callers_output_and_the_batch_buffers_go_back_to_the_pool():
+    """With ``output``, the batch's thread fills each caller's own array (what the server's response payload is);
+    the gathered input and the batch output are handed to ``release`` once nobody reads them."""
+    allocated, released = [], []
+
+    def allocate(shape, dtype):
+        allocated.append(np.full(shape, np.nan, dtype))  # NaN: a row not gathered would show in the output
+        return allocated[-1]
+
+    compute = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=4, max_queue_delay_microseconds=LONG),
+                             allocate=allocate, release=released.extend)
+    inputs = [rows(1, 0), rows(2, 10), rows(1, 20)]
+    outputs = [np.zeros((n, 2, 3)) for n in (1, 2, 1)]
+    timings = [{} for _ in inputs]
+
+    def output_of(i):
+        def output(shape, dtype):
+            assert shape == outputs[i].shape, f"output asked for {shape}"
+            return outputs[i]
+        return output
+
+    results, errors = run_threads(batcher, inputs, per_call=[{"timing": timings[i], "output": output_of(i)}
+                                                             for i in range(3)])
+    assert errors == [None] * 3 and compute.batches == [4]
+    for x, out, y, timing in zip(inputs, outputs, results, timings):
+        assert y is out  # the caller gets its own array back, filled
+        np.testing.assert_array_equal(out, x * 3 + 1)
+        assert timing["batch_rows"] == 4 and timing["output_seconds"] >= 0
+    assert len(allocated) == 1 and allocated[0].shape == (4, 2, 3)
+    assert len(released) == 2 and released[0] is allocated[0] and released[1].shape == (4, 2, 3)
+
+
+def test_a_callers_output_that_fails_fails_that_caller_only():
+    def output_of(i):
+        def output(shape, dtype):
+            if i == 1:
+                raise MemoryError("no room for the response")
+            return np.empty(shape, dtype)
+        return output
+
+    compute = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=3, max_queue_delay_microseconds=LONG))
+    results, errors = run_threads(batcher, [rows(1, 10 * i) for i in range(3)],
+                                  per_call=[{"output": output_of(i)} for i in range(3)])
+    assert isinstance(errors[1], MemoryError) and errors[0] is None and errors[2] is None
+    assert compute.batches == [3]  # computed once: the output error is not the batch's
+    for i in (0, 2):
+        np.testing.assert_array_equal(results[i], rows(1, 10 * i) * 3 + 1)
+
+
+def test_one_thread_computes_a_batch_and_the_others_only_wake_to_return():
+    """The head of the queue leads: of 8 callers in one batch, exactly one thread runs the compute."""
+    compute = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=8, max_queue_delay_microseconds=LONG))
+    inputs = [rows(1, 10 * i) for i in range(8)]
+    results, errors = run_threads(batcher, inputs)
+    assert errors == [None] * 8 and compute.batches == [8] and len(set(compute.threads)) == 1
+    for x, y in zip(inputs, results):
+        np.testing.assert_array_equal(y, x * 3 + 1)
+
+
+def test_the_next_batch_computes_while_the_last_one_is_copied_out():
+    """The compute slot is given back when the compute ends, not after the split: a caller whose output is slow to
+    fill does not hold up the next batch (one batch at a time, max_concurrent=1)."""
+    calls, second = [], threading.Event()
+
+    def compute(x, token):
+        calls.append(x.shape[0])
+        if len(calls) == 2:
+            second.set()
+        return x * 3 + 1
+
+    def slow_output(shape, dtype):
+        assert second.wait(30), "the second batch waited for the first one's copy-out"
+        return np.empty(shape, dtype)
+
+    batcher = DynamicBatcher(compute, BatchingConfig(max_batch_size=1), max_concurrent=1)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault(0, batcher.run(rows(1, 0), output=slow_output)))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not calls:
+        assert time.monotonic() < deadline and first.is_alive()
+        time.sleep(0.002)
+    results[1] = batcher.run(rows(1, 10))  # computes while the first caller's copy-out is still blocked
+    first.join(30)
+    assert calls == [1, 1] and not first.is_alive()
+    for i in (0, 1):
+        np.testing.assert_array_equal(results[i], rows(1, 10 * i) * 3 + 1)
+
+
 # ---------------------------------------------------------------------------------------------- deadlines, cancel
 def test_a_deadline_shortens_the_wait_and_is_never_passed():
     compute = Recorder()
@@ -353,15 +448,10 @@ def test_a_cancelled_member_of_a_running_batch_returns_at_once_and_the_others_ge
         t.start()
     assert compute.started.wait(30)  # the batch of 2 is computing (held by the gate)
     # Cancel the member that is not computing the batch (the dispatching thread is busy in compute).
-    waiting = [i for i in range(2) if threads[i].is_alive()]
-    victim = 0
+    (victim,) = [i for i in range(2) if threads[i] is not compute.threads[0]]
     callbacks[victim]()
-    threads[victim].join(0.5)
-    if threads[victim].is_alive():  # the victim was the dispatcher: it returns when the compute does
-        victim = 1
-        callbacks[victim]()
-        threads[victim].join(5)
-    assert not threads[victim].is_alive() and waiting
+    threads[victim].join(5)
+    assert not threads[victim].is_alive()  # it returned at once, while the batch is still computing
     assert isinstance(errors[victim], RequestCancelled)
     assert not compute.tokens[0].cancelled  # one member still wants its rows
     gate.set()

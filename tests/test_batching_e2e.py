@@ -187,6 +187,10 @@ def test_preferred_batch_size_and_model_config(client, kserve):
     assert config.dynamic_batching.max_queue_delay_microseconds == LONG_US
     plain = kserve.ModelConfig(pb.ModelConfigRequest(name="alone")).config
     assert not plain.HasField("dynamic_batching") and plain.max_batch_size == 32
+    # Our own API reports the same settings (GetModel), and None for a model without batching.
+    assert client.get_model(name)["batching"] == {"max_batch_size": 16, "preferred_batch_size": [2, 4],
+                                                  "max_queue_delay_microseconds": LONG_US}
+    assert client.get_model("alone")["batching"] is None
     xs = [RNG.standard_normal((1, 16, 8, 8)).astype(np.float32) for _ in range(4)]
     t0 = time.monotonic()
     concurrently(lambda x: client.infer(name, x), [(x,) for x in xs])
@@ -198,6 +202,9 @@ def test_server_defaults_and_registration_errors(client, kserve):
     client.register_model("defaults", LAYERS, batching={})
     config = kserve.ModelConfig(pb.ModelConfigRequest(name="defaults")).config
     assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 700
+    # GetModel gives the settings in force: the server's defaults filled in, not the empty dict registered.
+    assert client.get_model("defaults")["batching"] == {"max_batch_size": 32, "preferred_batch_size": [],
+                                                        "max_queue_delay_microseconds": 700}
     for batching, pattern in (({"max_batch_size": 64}, r"max_batch_size must be at most 32"),
                               ({"preferred_batch_size": [40]}, r"preferred_batch_size\[0\] must be at most 32"),
                               ({"max_queue_delay_microseconds": -1}, r"max_queue_delay_microseconds must be"),

@@ -54,6 +54,23 @@ def test_request_layout_and_round_trip_through_the_registry():
     region.close()  # idempotent
 
 
+def test_an_input_built_in_the_region_is_not_copied_and_any_other_is():
+    with SharedMemoryRegion(4096) as region:
+        x = region.array((2, 3, 4, 4), np.float32)
+        x[...] = np.arange(x.size, dtype=np.float32).reshape(x.shape)
+        before = region.array((x.size,), np.float32).copy()
+        infer_request("m", x, region)  # x is the region's own array at offset 0: nothing to copy
+        np.testing.assert_array_equal(region.array((x.size,), np.float32), before)
+        other = np.full((2, 3, 4, 4), 7.0, np.float32)
+        infer_request("m", other, region)  # an array elsewhere is copied in
+        np.testing.assert_array_equal(region.array(other.shape, np.float32), other)
+        # A view of the region that is not at offset 0 is copied to offset 0, where the request says it is.
+        shifted = region.array((2, 3, 4, 4), np.float32, offset=1024)
+        shifted[...] = 3.0
+        infer_request("m", shifted, region)
+        np.testing.assert_array_equal(region.array((2, 3, 4, 4), np.float32), shifted)
+
+
 def test_client_side_errors():
     with pytest.raises(ConvError, match=r"nbytes must be a positive int, got 0"):
         SharedMemoryRegion(0)

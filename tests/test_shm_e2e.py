@@ -1,6 +1,7 @@
 """Triton's system shared-memory extension end to end: real server processes, regions created by this process and
 by separate client processes, bounds, hostile keys, a crashed client holding a region, --no-shared-memory and
 --auth-token."""
+import asyncio
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from _reference import reference_conv
 from _server import ROOT, ServerProcess, server  # noqa: F401  (fixture)
-from client import ConvClient, ConvError
+from client import AsyncConvClient, ConvClient, ConvError
 from client._shm import SharedMemoryRegion
 from convproto.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 
@@ -74,6 +75,31 @@ def test_sdk_shared_memory_matches_grpc_and_the_reference(client, stub):
     # Both sides cleaned up: unregistered on the server, unlinked here.
     assert region.name not in stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions
     assert not os.path.exists("/dev/shm/" + region.key[1:])
+
+
+def test_async_client_shared_memory_callers_batched_together(server, client, stub):
+    """AsyncConvClient: concurrent coroutines, each with its own region, on a batching model; the three requests are
+    computed as one batch (it goes when full, long before its 10 s delay) and each gets its own unbatched answer."""
+    client.register_model("shm-batched", LAYERS, batching={"max_batch_size": 3,
+                                                           "max_queue_delay_microseconds": 10_000_000})
+    xs = [RNG.standard_normal((1, 4, 16, 12)).astype(np.float32) for _ in range(3)]
+    expected = [client.infer("shm", x) for x in xs]
+
+    async def main():
+        async with AsyncConvClient(server.target, timeout=60.0) as ac:
+            async def one(x):
+                async with ac.shared_memory(1 << 16) as region:
+                    y = await ac.infer("shm-batched", x, shared_memory=region)
+                    return np.array(y), region  # a copy: the region is unmapped on the way out
+            return await asyncio.gather(*(one(x) for x in xs))
+
+    results = asyncio.run(main())
+    for (y, region), want in zip(results, expected):
+        np.testing.assert_array_equal(y, want)
+        assert not os.path.exists("/dev/shm/" + region.key[1:])
+        assert region.name not in stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions
+    (s,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="shm-batched")).model_stats
+    assert (s.inference_count, s.execution_count) == (3, 1)
 
 
 def test_raw_kserve_request_with_offsets_writes_the_output_in_place(client, stub):
