@@ -9,7 +9,7 @@ from . import _kernels
 from ._blocking import k_block, pixel_tile
 from ._isa import ISA_NAMES, isa_level
 from ._spec import ACTIVATIONS, DEFAULT_MAX_OUTPUT_BYTES, check_dtype, normalize
-from ._threads import limit_scipy_blas, resolve_num_threads
+from ._threads import DEPTHWISE_FLOP_WEIGHT, limit_scipy_blas, resolve_num_threads
 
 __all__ = ["ACTIVATIONS", "ALGORITHMS", "ConvPlan", "conv", "conv1d", "conv2d", "conv3d", "get_max_output_bytes",
            "make_plan", "output_shape", "set_max_output_bytes"]
@@ -186,7 +186,43 @@ class ConvPlan:
         # Zeros when there is no bias: the depthwise kernels start their accumulators from it unconditionally.
         self._bias = (np.ascontiguousarray(bias) if bias is not None else np.zeros(geo.Cout, dtype=self.dtype))
         self._has_bias = bias is not None
+        self._channels_last = int(geo.channels_last)
+        self._act = geo.act
+        self._per_batch = {}
+        self._per_call = {}
+        self._nan_taps = self._nonfinite_depthwise_taps(kernel) if self._algo == ALGO_DEPTHWISE else ()
         limit_scipy_blas()
+
+    def _nonfinite_depthwise_taps(self, kernel):
+        """(output channel, mask of output pixels) for every NaN/Inf weight whose tap reaches into the padding.
+
+        The depthwise kernels skip taps that fall in the padding, where the dense path and torch multiply the weight
+        by a padded zero: 0 * NaN and 0 * Inf are NaN. Those outputs are set to NaN after the kernel (see
+        _propagate_nan_weights), so depthwise agrees with them; a layer with finite weights pays nothing.
+        """
+        geo = self.geometry
+        nsp = geo.nsp
+        k = np.transpose(kernel, (nsp + 1, nsp) + tuple(range(nsp))) if geo.kernel_io else kernel
+        bad = np.argwhere(~np.isfinite(k[:, 0]))
+        taps = []
+        for co, *tap in bad:
+            mask = np.zeros(geo.out_spatial, dtype=bool)
+            for d in range(nsp):
+                o = np.arange(geo.out_spatial[d])
+                i = o * geo.strides[d] - geo.pads[d][0] + tap[d] * geo.dilation[d]
+                outside = (i < 0) | (i >= geo.spatial[d])
+                mask |= outside.reshape((-1,) + (1,) * (nsp - 1 - d))
+            if mask.any():
+                taps.append((int(co), mask))
+        return tuple(taps)
+
+    def _propagate_nan_weights(self, out):
+        """NaN into the outputs whose padded taps have a non-finite weight (the activation of NaN is NaN)."""
+        for co, mask in self._nan_taps:
+            if self.geometry.channels_last:
+                out[..., co][:, mask] = np.nan
+            else:
+                out[:, co][:, mask] = np.nan
 
     def _pack_weights(self, w, groups, cig, cog, channels_last):
         """Weights in the micro-kernel's panel order, zero-padded to whole panels, one flat array (done once).
@@ -218,6 +254,21 @@ class ConvPlan:
     def isa(self):
         return ISA_NAMES[self._isa]
 
+    def work_flops(self, batch):
+        """The work of a call with `batch` items as the thread-count cut-off sees it: the layer's FLOPs, times
+        ``DEPTHWISE_FLOP_WEIGHT`` for depthwise layers (their FLOPs are slower; see convcore._threads)."""
+        return self.geometry.flops(batch) * (DEPTHWISE_FLOP_WEIGHT if self._algo == ALGO_DEPTHWISE else 1)
+
+    def num_threads(self, batch=None, num_threads=None):
+        """The OpenMP threads a call with `batch` items runs on (the plan's num_threads unless one is given here).
+
+        A caller that reserves CPUs per call (the server) should ask this rather than resolve_num_threads with the
+        layer's FLOPs, so that it reserves what the plan will use.
+        """
+        n = self.input_shape[0] if batch is None else batch
+        return resolve_num_threads(self._requested_threads if num_threads is None else num_threads,
+                                   flops=self.work_flops(n))
+
     def tiling(self, batch=None, num_threads=None):
         """How a call with `batch` items on `num_threads` threads is split (for tests and tuning).
 
@@ -228,8 +279,7 @@ class ConvPlan:
             item), ``channel_chunks``, ``k_block`` (K rows per micro-kernel pass; packed path only), ``items``.
         """
         n = self.input_shape[0] if batch is None else batch
-        nthreads = resolve_num_threads(self._requested_threads if num_threads is None else num_threads,
-                                       flops=self.geometry.flops(n))
+        nthreads = self.num_threads(n, num_threads)
         tile, mchunk, _, _ = self._tiling(n, nthreads)
         geo = self.geometry
         P = math.prod(geo.out_spatial)
@@ -294,9 +344,37 @@ class ConvPlan:
             pws = 0
         return tile, mchunk, ws, pws
 
+    # Per-call facts that depend only on the batch size (and the thread count), computed on a batch's first call:
+    # plan.run is called per request, and recomputing them cost ~5 us of Python per call (measured). Bounded, as a
+    # server with dynamic batching sees many batch sizes; dict get/set are atomic under the GIL, so concurrent
+    # callers at worst compute an entry twice.
+    _FACTS_MAX = 64
+
+    def _batch_facts(self, n):
+        geo = self.geometry
+        out_shape = geo.output_shape(n)
+        facts = (out_shape, math.prod(out_shape) * self.dtype.itemsize, self.work_flops(n))
+        if len(self._per_batch) >= self._FACTS_MAX:
+            self._per_batch.clear()
+        self._per_batch[n] = facts
+        return facts
+
+    def _call_facts(self, n, nthreads):
+        geo = self.geometry
+        tile, mchunk, ws, pws = self._tiling(n, nthreads)
+        geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
+            tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack)
+        facts = (geom, ws * nthreads, pws * nthreads)
+        if len(self._per_call) >= self._FACTS_MAX:
+            self._per_call.clear()
+        self._per_call[(n, nthreads)] = facts
+        return facts
+
     def _check_input(self, x):
-        x = _as_float_array("x", x)
+        if type(x) is not np.ndarray:
+            x = _as_float_array("x", x)
         if x.dtype != self.dtype:
+            check_dtype("x", x.dtype)
             raise TypeError(f"x has dtype {x.dtype}, the kernel has {self.dtype}: they must match (the output "
                             f"has the input's dtype; no silent casts)")
         if x.ndim != len(self.input_shape) or x.shape[1:] != self.input_shape[1:]:
@@ -327,9 +405,10 @@ class ConvPlan:
         """
         x = self._check_input(x)
         n = x.shape[0]
-        geo = self.geometry
-        out_shape = geo.output_shape(n)
-        nbytes = math.prod(out_shape) * self.dtype.itemsize
+        per_batch = self._per_batch.get(n)
+        if per_batch is None:
+            per_batch = self._batch_facts(n)
+        out_shape, nbytes, work = per_batch
         if nbytes > _max_output_bytes:
             raise ValueError(f"output would be {nbytes} bytes (shape {out_shape}), over max_output_bytes="
                              f"{_max_output_bytes}; raise it with convcore.set_max_output_bytes()")
@@ -349,20 +428,24 @@ class ConvPlan:
             if np.shares_memory(out, x):
                 raise ValueError("out must not overlap x")
         x = np.ascontiguousarray(x)
-        nthreads = resolve_num_threads(self._requested_threads, flops=geo.flops(n))
-        tile, mchunk, ws, pws = self._tiling(n, nthreads)
-        work = self._pool.acquire(ws * nthreads)
-        ptrs = self._ptr_pool.acquire(pws * nthreads) if pws else None
+        nthreads = resolve_num_threads(self._requested_threads, flops=work)
+        key = (n, nthreads)
+        call = self._per_call.get(key)
+        if call is None:
+            call = self._call_facts(n, nthreads)
+        geom, wsize, psize = call
+        work = self._pool.acquire(wsize)
+        ptrs = self._ptr_pool.acquire(psize) if psize else None
         try:
-            geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
-                tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack)
             _kernels.run(x.reshape(-1), self._w, self._bias, out.reshape(-1), work, geom,
-                         int(geo.channels_last), self._algo, geo.act, self._has_bias, self._general, nthreads,
+                         self._channels_last, self._algo, self._act, self._has_bias, self._general, nthreads,
                          self._isa, ptrs, self._zeros)
         finally:
             self._pool.release(work)
             if ptrs is not None:
                 self._ptr_pool.release(ptrs)
+        if self._nan_taps:
+            self._propagate_nan_weights(out)
         return out
 
     __call__ = run

@@ -151,6 +151,9 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_GIDX(s) _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), \
                                       _mm512_set1_epi32((int)(s)))
 #define CC_MGATHER(p, idx, m) _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (m), (idx), (p), 4)
+#define CC_PI __m512i
+#define CC_PIDX(lanes) _mm512_loadu_si512((const void*)(lanes))
+#define CC_PERM(v, idx) _mm512_permutexvar_ps((idx), (v))
 #include "_dw_tmpl.h"
 
 /* ---- AVX-512, double: 8 lanes */
@@ -174,6 +177,9 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_MASK(a, b) ((__mmask8)cc_dw_bits((a), (b), 8))
 #define CC_GIDX(s) _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(s)))
 #define CC_MGATHER(p, idx, m) _mm512_mask_i32gather_pd(_mm512_setzero_pd(), (m), (idx), (p), 8)
+#define CC_PI __m512i
+#define CC_PIDX(lanes) _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i*)(lanes)))
+#define CC_PERM(v, idx) _mm512_permutexvar_pd((idx), (v))
 #include "_dw_tmpl.h"
 
 /* ---- AVX2 + FMA, float: 8 lanes, NHWC tiles of 4 pixels x 2 vectors (8 of the 16 ymm registers accumulate) */
@@ -197,6 +203,9 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_MASK(a, b) cc_dw_mask8x32((a), (b))
 #define CC_GIDX(s) _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(s)))
 #define CC_MGATHER(p, idx, m) _mm256_mask_i32gather_ps(_mm256_setzero_ps(), (p), (idx), _mm256_castsi256_ps(m), 4)
+#define CC_PI __m256i
+#define CC_PIDX(lanes) _mm256_loadu_si256((const __m256i*)(lanes))
+#define CC_PERM(v, idx) _mm256_permutevar8x32_ps((v), (idx))
 #include "_dw_tmpl.h"
 
 /* ---- AVX2 + FMA, double: 4 lanes */
@@ -220,6 +229,11 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_MASK(a, b) cc_dw_mask4x64((a), (b))
 #define CC_GIDX(s) _mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32((int)(s)))
 #define CC_MGATHER(p, idx, m) _mm256_mask_i32gather_pd(_mm256_setzero_pd(), (p), (idx), _mm256_castsi256_pd(m), 8)
+/* doubles permuted as pairs of floats: output lane i takes floats 2*l, 2*l+1 of input lane l = lanes[i] */
+#define CC_PI __m256i
+#define CC_PIDX(lanes) ({ const int* l_ = (lanes); _mm256_setr_epi32(2 * l_[0], 2 * l_[0] + 1, 2 * l_[1],          \
+    2 * l_[1] + 1, 2 * l_[2], 2 * l_[2] + 1, 2 * l_[3], 2 * l_[3] + 1); })
+#define CC_PERM(v, idx) _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), (idx)))
 #include "_dw_tmpl.h"
 #endif /* x86 */
 
@@ -251,6 +265,9 @@ static int cc_dw_nhwc_row_##SFX(int isa, const cc_dwg* g, const S* xn, const S* 
     if (g->Cout == g->C) {                                                                                      \
         if (isa >= 2) { cc_dw_nhwc_row_avx512_##SFX(g, xn, w, bias, orow, od, oh); return 1; }                  \
         if (isa >= 1) { cc_dw_nhwc_row_avx2_##SFX(g, xn, w, bias, orow, od, oh); return 1; }                    \
+    } else {   /* channel multiplier > 1 */                                                                \
+        if (isa >= 2) { cc_dw_nhwc_mrow_avx512_##SFX(g, xn, w, bias, orow, od, oh); return 1; }                 \
+        if (isa >= 1) { cc_dw_nhwc_mrow_avx2_##SFX(g, xn, w, bias, orow, od, oh); return 1; }                   \
     }
 #else
 #define CC_DW_NCHW_BODY(SFX) (void)isa; (void)g; (void)xp; (void)wk; (void)b0; (void)op;

@@ -8,6 +8,8 @@
  *   CC_SET1(x) CC_LOAD(p) CC_MLOAD(p, m) (masked-off lanes read as 0 and are never touched: no fault past an edge)
  *   CC_STORE(p, v) CC_MSTORE(p, m, v) CC_FMA(a, b, c) = a*b + c   CC_MAX / CC_MIN (NaN in the 2nd operand is kept)
  *   CC_MASK(a, b): lanes i with a <= i < b (any a, b)    CC_GIDX(s): lane i -> i*s    CC_MGATHER(p, idx, m): p[idx[i]]
+ *   CC_PI / CC_PIDX(lanes) / CC_PERM(v, idx): a lane-permute index built from CC_L ints, and lane i of the result
+ *   = lane lanes[i] of v (the NHWC multiplier kernel)
  *
  * Each kernel computes a tile of outputs with every accumulator a named vector variable, so that they stay in
  * registers across all kernel taps (an array of accumulators was spilled to the stack: measured 2-3x slower). The
@@ -469,6 +471,102 @@ static CC_TARGET void CC_FN(cc_dw_nhwc_row)(const cc_dwg* g, const CC_T* xn, con
     }
 }
 
+/* ------------------------------------------------------------------------------------------ NHWC, multiplier > 1
+ * Output channel co reads input channel co / mult. A vector of CC_L output channels starting at co0 reads at most
+ * CC_L consecutive input channels from base = co0 / mult: one load there, then a lane permute (output lane i takes
+ * input lane (co0 % mult + i) / mult, `pidx`) gives the vector the weights multiply. np pixels (4, or 1) per tile;
+ * `checkw` as in cc_dw_nhwc_tile; `masked`: the output vector passes Cout (om) or the input one passes C (im), so
+ * loads and stores are masked (masked-off lanes are never touched).
+ */
+#define CC_DW_XM(p) CC_PERM(masked ? CC_MLOAD((p), im) : CC_LOAD(p), pidx)
+CC_INL void CC_FN(cc_dw_nhwc_mtile)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
+                                    ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t co0, ptrdiff_t base,
+                                    CC_M om, CC_M im, CC_PI pidx, const int np, const int masked, const int checkw)
+{
+    const ptrdiff_t C = g->C, Cout = g->Cout, step = g->SW * C;
+    CC_V a0 = masked ? CC_MLOAD(bias + co0, om) : CC_LOAD(bias + co0), a1 = a0, a2 = a0, a3 = a0;
+    o += ow * Cout + co0;
+    for (ptrdiff_t kd = 0; kd < g->KD; kd++) {
+        ptrdiff_t id = od * g->SD - g->PD + kd * g->DD;
+        if ((size_t)id >= (size_t)g->D)
+            continue;
+        for (ptrdiff_t kh = 0; kh < g->KH; kh++) {
+            ptrdiff_t ih = oh * g->SH - g->PH + kh * g->DH;
+            if ((size_t)ih >= (size_t)g->H)
+                continue;
+            const CC_T* xr = xn + ((id * g->H + ih) * g->W) * C + base;
+            const CC_T* wt = w + (kd * g->KH + kh) * g->KW * Cout + co0;
+            for (ptrdiff_t kw = 0; kw < g->KW; kw++) {
+                ptrdiff_t iw = ow * g->SW - g->PW + kw * g->DW;
+                if (checkw && (size_t)iw >= (size_t)g->W)
+                    continue;
+                const CC_V wv = masked ? CC_MLOAD(wt + kw * Cout, om) : CC_LOAD(wt + kw * Cout);
+                const CC_T* xb = xr + iw * C;
+                a0 = CC_FMA(CC_DW_XM(xb), wv, a0);
+                if (np > 1) {
+                    a1 = CC_FMA(CC_DW_XM(xb + step), wv, a1);
+                    a2 = CC_FMA(CC_DW_XM(xb + 2 * step), wv, a2);
+                    a3 = CC_FMA(CC_DW_XM(xb + 3 * step), wv, a3);
+                }
+            }
+        }
+    }
+    if (masked) {
+        CC_MSTORE(o, om, CC_FN(cc_dw_act)(a0, g->act));
+        if (np > 1) {
+            CC_MSTORE(o + Cout, om, CC_FN(cc_dw_act)(a1, g->act));
+            CC_MSTORE(o + 2 * Cout, om, CC_FN(cc_dw_act)(a2, g->act));
+            CC_MSTORE(o + 3 * Cout, om, CC_FN(cc_dw_act)(a3, g->act));
+        }
+    } else {
+        CC_STORE(o, CC_FN(cc_dw_act)(a0, g->act));
+        if (np > 1) {
+            CC_STORE(o + Cout, CC_FN(cc_dw_act)(a1, g->act));
+            CC_STORE(o + 2 * Cout, CC_FN(cc_dw_act)(a2, g->act));
+            CC_STORE(o + 3 * Cout, CC_FN(cc_dw_act)(a3, g->act));
+        }
+    }
+}
+#undef CC_DW_XM
+
+/* Every pixel of the row for the output-channel vector at co0: runs of 4 interior pixels, the others one by one. */
+CC_INL void CC_FN(cc_dw_nhwc_mcols)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* orow,
+                                    ptrdiff_t od, ptrdiff_t oh, ptrdiff_t co0, ptrdiff_t base, CC_M om, CC_M im,
+                                    CC_PI pidx, const int masked)
+{
+    const ptrdiff_t OW = g->OW, reach = (g->KW - 1) * g->DW - g->PW;
+    ptrdiff_t ow = 0;
+    while (ow < OW) {
+        if (ow + 4 <= OW && ow * g->SW - g->PW >= 0 && (ow + 3) * g->SW + reach < g->W) {
+            CC_FN(cc_dw_nhwc_mtile)(g, xn, w, bias, orow, od, oh, ow, co0, base, om, im, pidx, 4, masked, 0);
+            ow += 4;
+        } else {
+            CC_FN(cc_dw_nhwc_mtile)(g, xn, w, bias, orow, od, oh, ow, co0, base, om, im, pidx, 1, masked, 1);
+            ow += 1;
+        }
+    }
+}
+
+/* One output row (od, oh) with channel multiplier Cout / C > 1, one output-channel vector at a time (its input
+ * vector, permute and masks are set up once for the whole row). */
+static CC_TARGET void CC_FN(cc_dw_nhwc_mrow)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias,
+                                             CC_T* orow, ptrdiff_t od, ptrdiff_t oh)
+{
+    const ptrdiff_t C = g->C, Cout = g->Cout, mult = Cout / C;
+    for (ptrdiff_t co0 = 0; co0 < Cout; co0 += CC_L) {
+        const ptrdiff_t base = co0 / mult, r = co0 % mult;
+        int lanes[CC_L];
+        for (int i = 0; i < CC_L; i++)
+            lanes[i] = (int)((r + i) / mult);   /* < CC_L: a vector of outputs spans at most CC_L inputs */
+        const CC_PI pidx = CC_PIDX(lanes);
+        const CC_M om = CC_MASK(0, Cout - co0), im = CC_MASK(0, C - base);
+        if (co0 + CC_L > Cout || base + CC_L > C)
+            CC_FN(cc_dw_nhwc_mcols)(g, xn, w, bias, orow, od, oh, co0, base, om, im, pidx, 1);
+        else
+            CC_FN(cc_dw_nhwc_mcols)(g, xn, w, bias, orow, od, oh, co0, base, om, im, pidx, 0);
+    }
+}
+
 #undef CC_INL
 #undef CC_FN
 #undef CC_CAT
@@ -493,3 +591,6 @@ static CC_TARGET void CC_FN(cc_dw_nhwc_row)(const cc_dwg* g, const CC_T* xn, con
 #undef CC_MASK
 #undef CC_GIDX
 #undef CC_MGATHER
+#undef CC_PI
+#undef CC_PIDX
+#undef CC_PERM

@@ -646,7 +646,7 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     Interior pixels (all taps inside the input along W) with channel multiplier 1 go through _dw_nhwc_block:
     CC_DW_PIX pixels x one channel block held in registers across all taps. Border pixels, leftover channels and
     multipliers > 1 take the plain loop, which accumulates in the output. `bias` is never NULL here (zeros when the
-    layer has none). At level avx2/avx512 with multiplier 1 the ISA row kernel of _dw_simd.h does the whole row.
+    layer has none). At level avx2/avx512 the ISA row kernels of _dw_simd.h do the whole row, any multiplier.
     """
     cdef idx_t oh = it % g.OH, od = (it // g.OH) % g.OD, n = it // (g.OH * g.OD)
     cdef floating* orow = out + it * g.OW * g.Cout
@@ -658,8 +658,9 @@ cdef void _depthwise_nhwc_row(const Geom* g, const floating* x, const floating* 
     cdef bint interior
     cdef cc_dwg dg
     cdef int done
-    if g.isa > 0 and g.Cog == 1:
-        # AVX2 / AVX-512 row kernel: every pixel vectorized over channels, borders and channel tails masked.
+    if g.isa > 0:
+        # AVX2 / AVX-512 row kernel: every pixel vectorized over channels, borders and channel tails masked;
+        # multipliers > 1 permute each input vector into its output lanes (cc_dw_nhwc_mrow).
         _dw_fill(g, &dg)
         if floating is float:
             done = cc_dw_nhwc_row_f32(g.isa, &dg, xn, w, bias, orow, od, oh)

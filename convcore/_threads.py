@@ -10,12 +10,18 @@ import threading
 
 from ._openmp_helpers import openmp_enabled, openmp_max_threads
 
-__all__ = ["openmp_enabled", "resolve_num_threads", "usable_cpus", "limit_scipy_blas", "SMALL_WORK_FLOPS"]
+__all__ = ["openmp_enabled", "resolve_num_threads", "usable_cpus", "limit_scipy_blas", "refresh_cpu_info",
+           "SMALL_WORK_FLOPS"]
 
 #: Below this many FLOPs (about 1 ms on one core here) a call runs on one thread, whatever count was asked for: waking
 #: the OpenMP team costs more than it saves. Measured on this 2-vCPU VM: after an idle gap a 2-thread call of ~0.5 ms
 #: took 0.6 to 9 ms (waking the sleeping second vCPU), the same call on one thread a steady 0.8 ms (BENCHMARKS.md).
 SMALL_WORK_FLOPS = 50_000_000
+#: Depthwise FLOPs count this many times toward that cut-off: a depthwise FLOP takes ~2.5x the time of a dense one
+#: (40 vs 100-110 GFLOP/s per core, Zen 4) and the direct kernels are bound by loads, not by the team's wake-up, so
+#: MobileNet's dw3x3 C=144 @56² (8 MFLOP, ~0.2 ms on one core) ran 304 -> 165 us on 2 threads (measured,
+#: steady state); torch runs it on 2 threads in ~0.14 ms.
+DEPTHWISE_FLOP_WEIGHT = 8
 
 
 def _cgroup_cpu_limit():
@@ -40,19 +46,47 @@ def _cgroup_cpu_limit():
     return None
 
 
+# Answers of the slow probes, kept per probe function: reading the cgroup files costs ~50 us and os.cpu_count()
+# ~7 us here (measured), and every plan.run resolves its thread count. Keyed on the function object, so a test that
+# monkeypatches `_cgroup_cpu_limit` or `os.cpu_count` gets its fake at once; refresh_cpu_info() drops the answers.
+_probe_cache = {}
+
+
+def _probe(fn):
+    hit = _probe_cache.get(fn, _probe_cache)
+    if hit is _probe_cache:
+        if len(_probe_cache) > 16:  # only tests swap probes; do not keep every fake alive
+            _probe_cache.clear()
+        hit = _probe_cache[fn] = fn()
+    return hit
+
+
+def refresh_cpu_info():
+    """Forget the cached cgroup CPU quota and core count, so the next call reads them again.
+
+    Both are read once per process (a quota change needs this call to be seen); the CPU affinity is asked for on
+    every call, as it is cheap.
+    """
+    _probe_cache.clear()
+
+
+def _cpu_count():
+    return _probe(os.cpu_count) or 1
+
+
 def usable_cpus():
-    """Cores this process may use: its CPU affinity, capped by the cgroup quota."""
+    """Cores this process may use: its CPU affinity, capped by the cgroup quota (read once; see refresh_cpu_info)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
+        n = _cpu_count()
+    limit = _probe(_cgroup_cpu_limit)
     return min(n, limit) if limit else n
 
 
 def max_threads():
     """The largest thread count accepted: 4x the machine's cores, at least 64."""
-    return max(64, 4 * (os.cpu_count() or 1))
+    return max(64, 4 * _cpu_count())
 
 
 def resolve_num_threads(num_threads=None, flops=None):
@@ -88,7 +122,7 @@ def resolve_num_threads(num_threads=None, flops=None):
         if num_threads < -1:
             raise ValueError(f"num_threads must be None, -1 or a positive int, got {num_threads}")
         if num_threads > max_threads():
-            raise ValueError(f"num_threads={num_threads} is more than {max_threads()} (4x the {os.cpu_count()} "
+            raise ValueError(f"num_threads={num_threads} is more than {max_threads()} (4x the {_cpu_count()} "
                              f"cores here): each thread costs an OS thread and a workspace")
     if not openmp_enabled():
         return 1
@@ -103,7 +137,7 @@ def resolve_num_threads(num_threads=None, flops=None):
         try:
             return max(1, len(os.sched_getaffinity(0)))
         except AttributeError:
-            return os.cpu_count() or 1
+            return _cpu_count()
     return num_threads
 
 

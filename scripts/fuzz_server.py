@@ -13,7 +13,7 @@ Starts ``python -m server`` on a free loopback port with a model repository in a
   plain random bytes sent as the raw payload.
 
 Every call must end with a status within its deadline (no hang), and never with INTERNAL or UNKNOWN (undecodable
-bytes get INVALID_ARGUMENT: see server._limits.UndecodableRequestInterceptor). At the end the server must be alive (health
+bytes get INVALID_ARGUMENT: see server._handlers). At the end the server must be alive (health
 SERVING and a correct answer from a known model), its RSS must not have grown beyond a generous bound, and nothing
 may have been written outside the model repository (its working directory, the parent folder, and files named after
 the hostile model names are checked).

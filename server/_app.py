@@ -1,10 +1,11 @@
 """Server construction in one function, `create_server(address, config)`, and the object it returns."""
 import concurrent.futures
+import functools
 import logging
 import threading
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 import convcore
@@ -13,14 +14,15 @@ from convproto.inference import grpc_service_pb2
 
 from ._compute import ComputeExecutor
 from ._config import DEFAULT_ADDRESS, MIB, ServerConfig
-from ._errors import ErrorMappingInterceptor
+from ._handlers import MethodWrapper
 from ._hardening import hardening_interceptors, request_limit_options
 from ._kserve import KServeServicer
-from ._metrics import MetricsInterceptor, ServerMetrics, serve_metrics
+from ._limits import AdmissionInterceptor, CountingThreadPool
+from ._metrics import ServerMetrics, serve_metrics
 from ._repository import ModelRepository
 from ._service import InferenceService
 from ._shm import SharedMemoryRegistry
-from ._servicer import ConvServicer
+from ._servicer import ConvServicer, add_service
 
 __all__ = ["create_server", "ConvServer", "SERVICE_NAMES"]
 
@@ -136,23 +138,29 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ] + request_limit_options(config) + config.connection_age_options + list(config.grpc_options)
+    pool = CountingThreadPool(max_workers=config.workers, thread_name_prefix="rpc")
+    # Health checks and refusals run here: they take microseconds and must not wait behind calls that compute.
+    probe_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe")
+    wrapper = MethodWrapper(metrics, config.default_deadline, config.auth_token, config.read_only_models,
+                            probe_pool=probe_pool)
     grpc_server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-        # Metrics outside the error mapping, so they record the status the client gets.
-        interceptors=(list(config.interceptors) + [MetricsInterceptor(metrics)] + hardening_interceptors(config)
-                      + [ErrorMappingInterceptor()]),
-        # --max-in-flight: gRPC refuses the call over it with RESOURCE_EXHAUSTED on arrival (see _limits).
-        maximum_concurrent_rpcs=config.max_in_flight,
+        pool,
+        # Only what must run as a call arrives: the caller's own interceptors (outermost, they see the final status
+        # since every handler maps its own errors), the token check of streaming RPCs, and --max-in-flight. The
+        # rest is in each method's handler, wrapped once (server/_handlers.py).
+        interceptors=(list(config.interceptors) + hardening_interceptors(config)
+                      + [AdmissionInterceptor(config.max_in_flight, pool, functools.partial(wrapper.refusal,
+                                                                                            pool=probe_pool))]),
         options=options,
     )
     health_servicer = health.HealthServicer()
     server = ConvServer(grpc_server, config, repository, executor, health_servicer, metrics)
     server.shared_memory = shared_memory
 
-    ConvServicer(service).add_to_server(grpc_server)
+    ConvServicer(service).add_to_server(grpc_server, wrapper.wrap)
     KServeServicer(service, config.kserve_max_batch_size, VERSION, lambda: server.ready,
-                   shared_memory=shared_memory).add_to_server(grpc_server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+                   shared_memory=shared_memory).add_to_server(grpc_server, wrapper.wrap)
+    add_service(grpc_server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, wrap=wrapper.wrap)
     for name in ("",) + SERVICE_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME),

@@ -1,15 +1,17 @@
-"""Access control interceptors: a bearer token on every RPC but health, and read-only model repositories.
+"""Access control: a bearer token on every RPC but health, and read-only model repositories.
 
-Both refuse a call before its handler (or its request's compute) runs, with a status and a message the client can
+Both refuse a call before its servicer (or its request's compute) runs, with a status and a message the client can
 act on. Health (``grpc.health.v1.Health/*``) stays open so that load balancers and Kubernetes probes, which carry no
-token, still work.
+token, still work. Unary RPCs are checked by their handler wrapper (`server._handlers`, made once per method);
+`TokenAuthInterceptor` checks the rest (the streaming reflection RPCs).
 """
 import hmac
 import logging
 
 import grpc
 
-__all__ = ["TokenAuthInterceptor", "ReadOnlyModelsInterceptor", "read_token_file", "EXEMPT_PREFIXES"]
+__all__ = ["TokenAuthInterceptor", "read_token_file", "read_only_message", "check_token", "EXEMPT_PREFIXES",
+           "MODEL_WRITES", "TOKEN_MESSAGE", "WRAPPED", "authorized"]
 
 log = logging.getLogger("server")
 
@@ -17,6 +19,38 @@ log = logging.getLogger("server")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 #: RPCs that change the model repository.
 MODEL_WRITES = ("/convservice.v1.ConvService/RegisterModel", "/convservice.v1.ConvService/DeleteModel")
+#: What a caller without the right token is told.
+TOKEN_MESSAGE = ("missing or wrong token: send 'authorization: Bearer <token>' metadata (ConvClient(..., token=...)) "
+                 "with the token the server was started with")
+
+
+#: Set on a behaviour by `server._handlers`: it checks the token itself (TokenAuthInterceptor leaves it alone).
+WRAPPED = "_convserver_wrapped"
+
+
+def authorized(metadata, expected):
+    """Whether call `metadata` carries ``authorization`` equal to `expected` (bytes; compared in constant time)."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            given = value.encode() if isinstance(value, str) else bytes(value)
+            return hmac.compare_digest(given, expected)
+    return False
+
+
+def read_only_message(full_method):
+    """Why `full_method` (one of MODEL_WRITES) is refused on a --read-only-models server."""
+    return (f"{full_method.rsplit('/', 1)[1]} is disabled: this server runs with --read-only-models (models are "
+            f"provisioned by the operator in its model repository folder)")
+
+
+def check_token(token):
+    """Return `token` if it can be a bearer token; ValueError otherwise."""
+    if not isinstance(token, str) or not token.strip() or token != token.strip():
+        raise ValueError("the auth token must be a non-empty string without surrounding whitespace")
+    if not all(" " <= ch <= "~" for ch in token):
+        # gRPC metadata values are printable ASCII: a client could never send any other token.
+        raise ValueError("the auth token must be printable ASCII (gRPC metadata cannot carry anything else)")
+    return token
 
 
 def refusing_handler(handler, code, message):
@@ -66,45 +100,15 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(self, token):
-        if not isinstance(token, str) or not token.strip() or token != token.strip():
-            raise ValueError("the auth token must be a non-empty string without surrounding whitespace")
-        if not all(" " <= ch <= "~" for ch in token):
-            # gRPC metadata values are printable ASCII: a client could never send any other token.
-            raise ValueError("the auth token must be printable ASCII (gRPC metadata cannot carry anything else)")
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, handler_call_details):
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
-        return False
+        self._expected = f"Bearer {check_token(token)}".encode()
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(EXEMPT_PREFIXES) or self._authorized(handler_call_details):
-            return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED, as without auth (it reveals nothing)
+        if (method.startswith(EXEMPT_PREFIXES) or getattr(handler.unary_unary, WRAPPED, False)
+                or authorized(handler_call_details.invocation_metadata, self._expected)):
+            return handler  # a wrapped unary handler checks the token itself, and counts the refusal
         log.info("%s -> UNAUTHENTICATED (missing or wrong token)", method)
-        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong token: send 'authorization: Bearer <token>' metadata "
-                                "(ConvClient(..., token=...)) with the token the server was started with")
-
-
-class ReadOnlyModelsInterceptor(grpc.ServerInterceptor):
-    """Refuse RegisterModel and DeleteModel with PERMISSION_DENIED (``--read-only-models``).
-
-    PERMISSION_DENIED rather than FAILED_PRECONDITION: no change of the server's state would make the call succeed;
-    this deployment does not let clients change models at all (the operator provisions the repository folder).
-    """
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method not in MODEL_WRITES:
-            return handler
-        return refusing_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                f"{handler_call_details.method.rsplit('/', 1)[1]} is disabled: this server runs with "
-                                f"--read-only-models (models are provisioned by the operator in its model "
-                                f"repository folder)")
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, TOKEN_MESSAGE)

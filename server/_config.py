@@ -58,7 +58,8 @@ class ServerConfig:
     max_layers, max_models : int
         Layers per registered model; registered models.
     max_in_flight : int
-        RPCs being served at once (gRPC's ``maximum_concurrent_rpcs``); one more gets RESOURCE_EXHAUSTED at once.
+        RPCs being served at once (queued for a worker thread or running); one more gets RESOURCE_EXHAUSTED as it
+        arrives. Health checks and reflection are not counted (`server._limits.AdmissionInterceptor`).
     default_deadline : float or None
         Seconds a call may take when its client set no deadline; None: unlimited.
     auth_token : str or None

@@ -1,7 +1,7 @@
 """Domain exceptions and the one place that turns exceptions into gRPC status codes.
 
-Servicers never pick a status code themselves: they raise, and `ErrorMappingInterceptor` (always the innermost
-interceptor) maps what they raised. Anything unexpected becomes INTERNAL with a fixed message and a reference that
+Servicers never pick a status code themselves: they raise, and every handler's wrapper (`server._handlers`, the
+innermost layer of each call) maps what they raised with `status_for`. Anything unexpected becomes INTERNAL with a fixed message and a reference that
 points at the traceback in the server log, so internals never leak to clients.
 """
 import logging
@@ -16,7 +16,6 @@ __all__ = [
     "RepositoryError",
     "ModelNotFound",
     "RequestCancelled",
-    "ErrorMappingInterceptor",
     "status_for",
 ]
 
@@ -87,31 +86,3 @@ def status_for(exc):
     ref = uuid.uuid4().hex[:12]
     log.error("internal error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE} (ref {ref}; the traceback is in the server log)"
-
-
-class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Wrap every unary-unary handler so that whatever it raises reaches the client as `status_for(exc)`."""
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming handlers (reflection, health Watch) map their own errors
-        behavior = handler.unary_unary
-        method = handler_call_details.method
-
-        def mapped(request, context):
-            try:
-                return behavior(request, context)
-            except Exception as exc:  # noqa: BLE001 - this is the one place that maps everything
-                if context.code() is not None:
-                    raise  # the handler already aborted with its own status (context.abort raises)
-                code, message = status_for(exc)
-                if code != grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback already
-                    log.info("%s -> %s: %s", method, code.name, message)
-                context.abort(code, message)
-
-        return grpc.unary_unary_rpc_method_handler(
-            mapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )

@@ -5,9 +5,8 @@
 """
 import argparse
 
-from ._auth import ReadOnlyModelsInterceptor, TokenAuthInterceptor, read_token_file
+from ._auth import TokenAuthInterceptor, read_token_file
 from ._config import MIB
-from ._limits import DefaultDeadlineInterceptor, InFlightCounter, UndecodableRequestInterceptor
 from ._tls import server_credentials
 
 __all__ = ["add_arguments", "apply_arguments", "hardening_interceptors", "request_limit_options"]
@@ -71,21 +70,14 @@ def apply_arguments(args, config_kwargs):
 
 
 def hardening_interceptors(config):
-    """The interceptors for `config`, outermost first: undecodable requests, auth, read-only models, in-flight count,
-    default deadline.
+    """The interceptors for `config`: the token check of the RPCs that are not wrapped unary handlers (streaming
+    reflection).
 
-    Authentication comes before anything that acts on the request, so that an unauthenticated caller reaches
-    nothing else (the undecodable-request check only swaps gRPC's INTERNAL for INVALID_ARGUMENT).
+    Everything else is applied once per method by `server._handlers.MethodWrapper` (undecodable requests, token,
+    read-only models, default deadline) and, as calls arrive, by `server._limits.AdmissionInterceptor`
+    (``--max-in-flight``), which `create_server` adds since it needs the worker pool.
     """
-    interceptors = [UndecodableRequestInterceptor()]
-    if config.auth_token:
-        interceptors.append(TokenAuthInterceptor(config.auth_token))
-    if config.read_only_models:
-        interceptors.append(ReadOnlyModelsInterceptor())
-    interceptors.append(InFlightCounter())
-    if config.default_deadline:
-        interceptors.append(DefaultDeadlineInterceptor(config.default_deadline))
-    return interceptors
+    return [TokenAuthInterceptor(config.auth_token)] if config.auth_token else []
 
 
 def request_limit_options(config):

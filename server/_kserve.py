@@ -144,8 +144,8 @@ class KServeServicer:
         self._shm = shared_memory
         self._extensions = EXTENSIONS + ((SHM_EXTENSION,) if shared_memory is not None else ())
 
-    def add_to_server(self, server):
-        add_service(server, self.SERVICE, self, {"ModelInfer": (wire.decode_model_infer_request, None)})
+    def add_to_server(self, server, wrap=None):
+        add_service(server, self.SERVICE, self, {"ModelInfer": (wire.decode_model_infer_request, None)}, wrap)
 
     def _model(self, name, version):
         model = self._service.model(name)

@@ -4,6 +4,7 @@ Every limit is a `ServerConfig` field and a ``python -m server`` flag (see `serv
 README with its default. Going over one gets RESOURCE_EXHAUSTED with a message that names the limit and the flag
 that raises it.
 """
+import concurrent.futures
 import heapq
 import itertools
 import logging
@@ -12,9 +13,9 @@ import time
 
 import grpc
 
-from ._errors import LimitExceeded, RequestCancelled
+from ._errors import LimitExceeded
 
-__all__ = ["DefaultDeadlineInterceptor", "InFlightCounter", "NO_DEADLINE_SECONDS", "check_count"]
+__all__ = ["AdmissionInterceptor", "BoundedContext", "CountingThreadPool", "NO_DEADLINE_SECONDS", "check_count"]
 
 log = logging.getLogger("server")
 
@@ -31,39 +32,73 @@ def check_count(what, count, limit, flag):
                             f"raises it)")
 
 
-class InFlightCounter(grpc.ServerInterceptor):
-    """Count the unary RPCs whose handler is running (for tests and logs: it must return to 0 when calls end).
+class CountingThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """gRPC's worker pool, counting the calls handed to it and not yet finished (queued or running).
 
-    The *limit* on in-flight requests is gRPC's own ``maximum_concurrent_rpcs`` (set from the same
-    ``--max-in-flight``): it counts a call from its arrival to its end, rejects the one over the limit with
-    RESOURCE_EXHAUSTED before any thread or queue slot is spent on it, and cannot leak a slot when a call dies before
-    its handler runs (a counter in an interceptor can: gRPC skips the handler when the request never arrives).
+    That is the number of calls in flight that ``--max-in-flight`` bounds. It counts a future from its submission to
+    its end, and every future ends (also when its request never arrives, or at shutdown), so the count cannot leak.
+    Health checks and refusals run on another pool (``experimental_thread_pool``), so they do not count.
     """
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._count = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._count_lock = threading.Lock()
+        self.in_flight = 0
 
-    @property
-    def in_flight(self):
-        return self._count
+    def submit(self, fn, /, *args, **kwargs):
+        with self._count_lock:
+            self.in_flight += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future):
+        with self._count_lock:
+            self.in_flight -= 1
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Refuse a call with RESOURCE_EXHAUSTED as it arrives when `limit` calls are already in flight
+    (``--max-in-flight``), before any worker thread or queue slot is spent on it.
+
+    Why not gRPC's own ``maximum_concurrent_rpcs``: it counts health probes too, so a server busy with `limit`
+    slow calls would fail its liveness probe and be restarted for being busy. Here probes (and reflection) are
+    neither counted nor refused. Runs on gRPC's polling thread, which also hands every call to `pool`, so the count
+    it reads is exact.
+
+    Parameters
+    ----------
+    limit : int
+    pool : CountingThreadPool
+        gRPC's worker pool: its ``in_flight`` is the count.
+    refusal : callable
+        ``refusal(full_method, code, message)`` -> the handler that refuses the call (wrapped like every handler,
+        so the refusal is counted in the metrics, and run off the worker pool).
+    """
+
+    def __init__(self, limit, pool, refusal):
+        self.limit, self._pool, self._refusal = limit, pool, refusal
+        self._message = (f"the server is serving its limit of {limit} requests at once; retry later, or start it "
+                         f"with a larger --max-in-flight")
+        self._refusals = {}  # full method -> its refusing handler, made once
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler_call_details.method.startswith(_EXEMPT):
+        if handler is None or self._pool.in_flight < self.limit:
             return handler
-        behavior = handler.unary_unary
-
-        def counted(request, context):
-            with self._lock:
-                self._count += 1
-            try:
-                return behavior(request, context)
-            finally:
-                with self._lock:
-                    self._count -= 1
-
-        return handler._replace(unary_unary=counted)
+        method = handler_call_details.method
+        if method.startswith(_EXEMPT) or handler.unary_unary is None:
+            # Streaming RPCs (health Watch, reflection) are exempt like probes: none of them computes anything.
+            return handler
+        refusal = self._refusals.get(method)
+        if refusal is None:
+            refusal = self._refusals[method] = self._refusal(method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                             self._message)
+        return refusal
 
 
 class _Watchdog:
@@ -117,7 +152,7 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
-class _BoundedContext:
+class BoundedContext:
     """A ServicerContext that behaves as if the client had set a deadline `seconds` from now.
 
     When it expires, the callbacks registered with `add_callback` run (the compute executor's: they drop a queued
@@ -178,88 +213,3 @@ class _BoundedContext:
             self.finished = True
             self._callbacks = []
         _watchdog.finished_one()
-
-
-class DefaultDeadlineInterceptor(grpc.ServerInterceptor):
-    """Give every unary call that arrives without a deadline one of `seconds` (``--default-deadline``).
-
-    Without it, a client that sets no timeout can hold a compute slot forever with a huge request; with it, the work
-    is dropped (queued) or stopped between layers (running) and the client gets DEADLINE_EXCEEDED.
-
-    Parameters
-    ----------
-    seconds : float
-        > 0.
-    """
-
-    def __init__(self, seconds):
-        if not seconds > 0:
-            raise ValueError(f"the default deadline must be > 0 seconds, got {seconds!r}")
-        self.seconds = float(seconds)
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler_call_details.method.startswith(_EXEMPT):
-            return handler
-        behavior = handler.unary_unary
-        seconds = self.seconds
-
-        def bounded(request, context):
-            remaining = context.time_remaining()
-            if remaining is not None and remaining < NO_DEADLINE_SECONDS:
-                return behavior(request, context)  # the client's own deadline rules
-            bounded_context = _BoundedContext(context, seconds)
-            try:
-                response = behavior(request, bounded_context)
-            except RequestCancelled:
-                if bounded_context.expired:
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, bounded_context.message())
-                raise
-            finally:
-                bounded_context.done()
-            if bounded_context.expired:
-                # Finished, but too late: the answer is dropped, as gRPC drops it when a client deadline passes.
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, bounded_context.message())
-            return response
-
-        return handler._replace(unary_unary=bounded)
-
-
-class _Undecodable:
-    """Stands in for a request whose bytes did not parse, so the handler can refuse it with a proper status."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error):
-        self.error = error
-
-
-class UndecodableRequestInterceptor(grpc.ServerInterceptor):
-    """Answer request bytes that are not a valid message with INVALID_ARGUMENT, quietly.
-
-    Without it gRPC answers INTERNAL ("Exception deserializing request!") and logs a traceback at ERROR for every
-    such request, so a client sending garbage could fill the log (and the disk under it) at line rate.
-    """
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
-            return handler
-        deserialize, behavior = handler.request_deserializer, handler.unary_unary
-        method = handler_call_details.method
-
-        def tolerant_deserialize(data):
-            try:
-                return deserialize(data)
-            except Exception as exc:  # noqa: BLE001 - DecodeError, or anything else a parser raises on garbage
-                return _Undecodable(exc)
-
-        def checked(request, context):
-            if isinstance(request, _Undecodable):
-                log.debug("%s: undecodable request: %s", method, request.error)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid {method.rsplit('/', 1)[-1]} request message "
-                              f"({type(request.error).__name__}: {str(request.error)[:200]})")
-            return behavior(request, context)
-
-        return handler._replace(request_deserializer=tolerant_deserialize, unary_unary=checked)

@@ -1,8 +1,9 @@
-"""Prometheus metrics: one registry per server, filled by a server interceptor and the compute executor.
+"""Prometheus metrics: one registry per server, filled by every RPC's handler wrapper and the compute executor.
 
 What is measured, and where:
 - ``convserver_requests_total{grpc_service, grpc_method, grpc_code}``: every unary RPC, with its final status. The
-  interceptor sits outside the error-mapping interceptor, so it sees the code the client sees.
+  handler wrapper (`server._handlers`) records it outside the mapping of exceptions, so it sees the code the client
+  sees.
 - ``convserver_request_duration_seconds{grpc_service, grpc_method, model}``: handler time (decode, queue, compute,
   encode; not the transport).
 - ``convserver_queue_duration_seconds{model}`` and ``convserver_compute_duration_seconds{model}``: how long a
@@ -24,7 +25,7 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["LATENCY_BUCKETS", "MetricsInterceptor", "ServerMetrics", "serve_metrics"]
+__all__ = ["LATENCY_BUCKETS", "ServerMetrics", "serve_metrics"]
 
 log = logging.getLogger("server")
 
@@ -83,6 +84,7 @@ class ServerMetrics:
                                         "Time a request waited for its dynamic batch to be dispatched",
                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self._job_children = {}  # model -> (queue, compute) label children
+        self._methods = {}  # full method -> _MethodRecord
 
     def track_models(self, count):
         """Report ``count()`` (a callable) as the number of loaded models, read at every scrape."""
@@ -105,9 +107,18 @@ class ServerMetrics:
         """Record how long one request waited for its batch."""
         self.batching_queue.labels(model).observe(seconds)
 
+    def method(self, full_method):
+        """The `_MethodRecord` of one RPC method (``"/pkg.Service/Method"``), made once."""
+        record = self._methods.get(full_method)
+        if record is None:
+            record = self._methods[full_method] = _MethodRecord(self, full_method)
+        return record
+
     def forget_model(self, name):
         """Drop the series of model ``name`` (it was deleted)."""
         for full_method in _MODEL_FIELD:
+            if full_method in self._methods:
+                self._methods[full_method].forget(name)
             self.duration.remove(*_split(full_method), name)
         self._job_children.pop(name, None)
         self.queue.remove(name)
@@ -116,75 +127,51 @@ class ServerMetrics:
         self.batching_queue.remove(name)
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Count and time every unary RPC, and size its messages.
+class _MethodRecord:
+    """The metrics of one RPC method, with the label children it always uses looked up once (``.labels()`` takes a
+    lock and builds a key: once per method, model and status code, not per call)."""
 
-    Put it before (outside) the error-mapping interceptor (``ServerConfig.interceptors`` are outermost) so that
-    ``context.code()`` holds the final status when the handler returns or raises.
+    __slots__ = ("metrics", "labels", "in_flight", "bytes_in", "bytes_out", "model_field", "deleting", "_codes",
+                 "_durations")
 
-    Parameters
-    ----------
-    metrics : ServerMetrics
-    """
+    def __init__(self, metrics, full_method):
+        labels = _split(full_method)
+        self.metrics, self.labels = metrics, labels
+        self.in_flight = metrics.in_flight.labels(*labels)
+        self.bytes_in, self.bytes_out = metrics.bytes_in.labels(*labels), metrics.bytes_out.labels(*labels)
+        self.model_field = _MODEL_FIELD.get(full_method)
+        self.deleting = full_method == _DELETE_METHOD
+        self._codes = {}      # grpc.StatusCode -> requests counter child
+        self._durations = {}  # model label -> duration histogram child
 
-    def __init__(self, metrics):
-        self.metrics = metrics
-        self._per_method = {}  # full method -> the label children it always uses (a dict lookup, not .labels())
+    def start(self):
+        """A call began: count it in flight; returns its start time."""
+        self.in_flight.inc()
+        return time.perf_counter()
 
-    def _children(self, full_method):
-        children = self._per_method.get(full_method)
-        if children is None:
-            m, labels = self.metrics, _split(full_method)
-            children = (labels, m.in_flight.labels(*labels), m.bytes_in.labels(*labels), m.bytes_out.labels(*labels))
-            self._per_method[full_method] = children
-        return children
+    def finish(self, started, context, failed, request):
+        """A call ended (its status is ``context.code()``; `failed`: the handler raised)."""
+        elapsed = time.perf_counter() - started
+        self.in_flight.dec()
+        code = context.code()
+        if code is None:
+            # An exception that no one mapped reaches the client as UNKNOWN; a normal return is OK.
+            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self.metrics.requests.labels(*self.labels, code.name)
+        counter.inc()
+        ok = code == grpc.StatusCode.OK
+        model = getattr(request, self.model_field) if self.model_field and ok else ""
+        duration = self._durations.get(model)
+        if duration is None:
+            duration = self._durations[model] = self.metrics.duration.labels(*self.labels, model)
+        duration.observe(elapsed)
+        if self.deleting and ok:
+            self.metrics.forget_model(request.name)
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (health Watch, reflection): not what these metrics are about
-        full_method = handler_call_details.method
-        labels, in_flight, bytes_in, bytes_out = self._children(full_method)
-        metrics = self.metrics
-        behavior = handler.unary_unary
-        model_field = _MODEL_FIELD.get(full_method)
-        deleting = full_method == _DELETE_METHOD
-
-        def measured(request, context):
-            in_flight.inc()
-            start = time.perf_counter()
-            failed = True
-            try:
-                response = behavior(request, context)
-                failed = False
-                return response
-            finally:
-                elapsed = time.perf_counter() - start
-                in_flight.dec()
-                code = context.code()
-                if code is None:
-                    # An exception that no one mapped reaches the client as UNKNOWN; a normal return is OK.
-                    code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-                metrics.requests.labels(*labels, code.name).inc()
-                ok = code == grpc.StatusCode.OK
-                model = getattr(request, model_field) if model_field and ok else ""
-                metrics.duration.labels(*labels, model).observe(elapsed)
-                if deleting and ok:
-                    metrics.forget_model(request.name)
-
-        deserialize, serialize = handler.request_deserializer, handler.response_serializer
-
-        def counted_deserialize(data):
-            bytes_in.inc(len(data))
-            return deserialize(data) if deserialize is not None else data
-
-        def counted_serialize(message):
-            data = serialize(message) if serialize is not None else message
-            bytes_out.inc(len(data))
-            return data
-
-        return grpc.unary_unary_rpc_method_handler(measured, request_deserializer=counted_deserialize,
-                                                   response_serializer=counted_serialize)
+    def forget(self, model):
+        self._durations.pop(model, None)
 
 
 def serve_metrics(metrics, host, port):

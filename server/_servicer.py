@@ -4,7 +4,8 @@ Infer and Conv use `client.wire`'s codecs instead of the generated classes: the 
 engine as views of what gRPC received, and the answer is computed into the response message's own bytes, which
 the handler returns as they are (no response serializer). The other RPCs use the generated messages.
 
-Errors are raised, never turned into status codes here (see _errors.ErrorMappingInterceptor).
+Errors are raised, never turned into status codes here (see server._handlers, which maps them with
+_errors.status_for).
 """
 import grpc
 from google.protobuf import message_factory
@@ -35,19 +36,31 @@ class OutputSink:
         return self._buffer.finish()
 
 
-def add_service(server, service, servicer, codecs):
+_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(server, service, servicer, codecs=None, wrap=None):
     """Register `servicer`'s methods for the protobuf `service` descriptor on `server`.
 
     `codecs` maps a method name to its (request deserializer, response serializer); the others use the generated
-    message classes. Same handlers as the generated ``add_*Servicer_to_server``, with these swapped in.
+    message classes. ``wrap(full_method, handler)`` (`server._handlers.MethodWrapper.wrap`) adds the per-call
+    concerns to each handler, once. Same handlers as the generated ``add_*Servicer_to_server``, with these swapped in.
     """
+    codecs = codecs or {}
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         deserialize, serialize = codecs.get(method.name, (request_class.FromString, response_class.SerializeToString))
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name), request_deserializer=deserialize, response_serializer=serialize)
+        kind = _KINDS[(method.client_streaming, method.server_streaming)]
+        handler = kind(getattr(servicer, method.name), request_deserializer=deserialize,
+                       response_serializer=serialize)
+        handlers[method.name] = wrap(f"/{service.full_name}/{method.name}", handler) if wrap else handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
@@ -65,10 +78,10 @@ class ConvServicer:
     def __init__(self, service):
         self._service = service
 
-    def add_to_server(self, server):
+    def add_to_server(self, server, wrap=None):
         # Looked up now, not at import, so that scripts/request_breakdown.py can time them.
         add_service(server, self.SERVICE, self, {"Infer": (wire.decode_infer_request, None),
-                                                 "Conv": (wire.decode_conv_request, None)})
+                                                 "Conv": (wire.decode_conv_request, None)}, wrap)
 
     def Conv(self, call, context):
         x = required_tensor("input", call.input)

@@ -83,6 +83,26 @@ def test_depthwise_matrix(level, geometry, dtype, data_format):
                dilation=dilation, padding=padding, groups=c, data_format=data_format)
 
 
+# (channels, multiplier) for the NHWC multiplier kernel: lane counts (4/8/16) not a multiple of the multiplier,
+# multipliers above the lane count, output vectors that end past Cout and input vectors that end past C.
+MULTIPLIERS = ((7, 5), (2, 9), (3, 20), (1, 16), (5, 3), (33, 2), (16, 4))
+
+
+@pytest.mark.parametrize("geometry", ["3x3 same", "3x3 wide row", "3x3 s2", "3x5 s(1,2) d(2,1) pad 2",
+                                      "narrower than kernel", "1-D k5 s3 d2", "3-D s2 pairs", "1x7 d3"])
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_depthwise_multiplier(level, geometry, data_format):
+    """Channel multipliers > 1 (NHWC: one input vector permuted into each vector of outputs), both dtypes."""
+    rank, spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(f"mult {geometry} {data_format}".encode()))
+    for dtype in DTYPES:
+        for c, mult in MULTIPLIERS:
+            x, w, b = _arrays(rng, rank, spatial, ksize, c, mult, data_format, dtype)
+            _check(x, w, b, f"{level} {geometry} C={c} x{mult} {data_format} {np.dtype(dtype)}", strides=strides,
+                   dilation=dilation, padding=padding, groups=c, data_format=data_format,
+                   activation="relu6" if mult % 2 else None)
+
+
 @pytest.mark.parametrize("activation", sorted(a for a in convcore.ACTIVATIONS if a))
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_depthwise_activations(level, activation, data_format):
@@ -116,6 +136,36 @@ def test_depthwise_nan_inf(level, data_format, dtype):
     b2[-1] = np.inf
     y = _check(x2, w2, b2, f"{level} NaN weight", padding="valid", groups=c, data_format=data_format)
     assert np.isnan(y).any()
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mult", (1, 3))
+def test_depthwise_nonfinite_weight_at_padding(level, data_format, dtype, mult):
+    """A NaN or Inf weight whose tap falls in the padding multiplies a padded zero: NaN there, as in the dense path
+    and torch (0 * NaN = 0 * Inf = NaN), although the depthwise kernels skip padded taps (before, a NaN weight left
+    its channel's border outputs finite, and an Inf weight gave Inf instead of NaN there). The pattern is checked
+    against the reference and against the same layer on the packed dense micro-kernels."""
+    rng = np.random.default_rng(23 + mult)
+    c = 19
+    for geometry in ("3x3 same", "3x5 s(1,2) d(2,1) pad 2", "3-D s2 pairs"):
+        rank, spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+        x, w, b = _arrays(rng, rank, spatial, ksize, c, mult, data_format, dtype)
+        taps = w.reshape(-1, c * mult) if data_format == "channels_last" else w.reshape(c * mult, -1).T
+        taps[0, 2] = np.nan      # first tap: in the padding for the first rows/columns of output channel 2
+        taps[-1, 7] = np.inf     # last tap: the last rows/columns of channel 7
+        taps[taps.shape[0] // 2, 11] = -np.inf  # the middle tap never reads padding ("same"): the Inf reaches out
+        kw = dict(strides=strides, dilation=dilation, padding=padding, groups=c, data_format=data_format)
+        for act in (None, "relu", "sigmoid"):
+            y = _check(x, w, b, f"{level} non-finite weight {geometry} x{mult} {act}", activation=act, **kw)
+            dense = convcore.make_plan(x.shape, w, b, algorithm="packed", activation=act, **kw).run(x)
+            assert np.array_equal(np.isnan(y), np.isnan(dense)), f"{geometry}: NaN pattern differs from dense"
+            ch = np.moveaxis(y, -1, 1) if data_format == "channels_last" else y
+            assert np.isnan(ch[:, 2]).all(), geometry   # NaN times the input elsewhere: the whole channel
+            assert np.isnan(ch[:, 7]).any(), geometry   # Inf: NaN where it meets the padding ...
+            if act is None:
+                assert np.isinf(ch[:, 7]).any(), geometry   # ... and +-Inf where it meets the input
+            assert not np.isnan(np.delete(ch, [2, 7, 11], axis=1)).any(), geometry
 
 
 @pytest.mark.parametrize("view", ["sliced", "fortran", "reversed", "readonly_sliced", "unaligned"])

@@ -149,3 +149,66 @@ def test_max_in_flight_refuses_at_once(limited):
     assert in_flight(limited) == 0
     with ConvClient(limited.target, timeout=30) as c:
         assert c.health() and c.conv(np.ones((1, 1, 2, 2), np.float32), np.ones((1, 1, 1, 1), np.float32)).shape
+
+
+def _requests_total(proc, method, code):
+    m = re.search(r'^convserver_requests_total\{grpc_code="%s",grpc_method="%s",[^}]*\} ([0-9.e+-]+)$'
+                  % (code, method), metrics_text(proc), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_health_is_neither_counted_nor_refused_at_max_in_flight(limited):
+    """With --max-in-flight 3 calls running, health checks still answer SERVING (gRPC's own limit counted them and
+    refused the probe of a busy server), while one more Infer is refused, and the refusal is in the metrics."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    refused_before = _requests_total(limited, "Infer", "RESOURCE_EXHAUSTED")
+    with grpc.insecure_channel(limited.target, options=BIG) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        stub = conv_pb2_grpc.ConvServiceStub(ch)
+        request = conv_pb2.InferRequest(name="slow", input=_tensor(QUARTER_INPUT))
+        futures = [stub.Infer.future(request, timeout=30 + 20 * limited.slow.seconds) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while in_flight(limited) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = health_pb2_grpc.HealthStub(ch)
+        statuses = [health.Check(health_pb2.HealthCheckRequest(), timeout=30).status for _ in range(3)]
+        # Only now the fourth call: it is refused, so the three were in flight during the health checks above.
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request, timeout=30)
+        for f in futures:
+            f.cancel()
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 3
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "--max-in-flight" in err.value.details()
+    assert _requests_total(limited, "Infer", "RESOURCE_EXHAUSTED") == refused_before + 1
+
+
+def test_health_answers_while_every_worker_is_busy(tmp_path):
+    """Two RPC workers, both holding a slow call (one computing, one queued for the only compute slot): a health
+    check is answered before the first call ends, because probes run on threads of their own."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    slow = slow_model()
+    proc = ServerProcess(tmp_path / "models", "--workers", "2", "--compute-slots", "1", *slow.server_args()).start()
+    try:
+        with ConvClient(proc.target, timeout=60) as c:
+            c.register_model("slow", slow.layers())
+        with grpc.insecure_channel(proc.target, options=BIG) as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+            stub = conv_pb2_grpc.ConvServiceStub(ch)
+            request = conv_pb2.InferRequest(name="slow", input=_tensor(SLOW_INPUT))
+            futures = [stub.Infer.future(request, timeout=60 + 20 * slow.seconds) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while in_flight(proc) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=60).status
+            # The server's own count: a probe queued behind the workers is only answered once a worker is free,
+            # i.e. once the first call's handler has ended (the client may see the two answers in either order).
+            running = in_flight(proc)
+            for f in futures:
+                f.cancel()
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert running == 2, f"the slow calls ended before the health check ({slow}; see tests/_calibrate.py)"
+    finally:
+        assert proc.stop() == 0, proc.log()
