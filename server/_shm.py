@@ -118,7 +118,15 @@ class _Region:
                         exc.strerror)
             return
         whole = np.frombuffer(self.mapping, np.uint8)
-        self.slot = _shmguard.protect(whole.ctypes.data, length)
+        try:
+            self.slot = _shmguard.protect(whole.ctypes.data, length)
+        except RuntimeError:  # every guard slot taken (mappings still viewed): never map without the guard
+            del whole
+            self.mapping.close()
+            self.mapping = None
+            log.warning("no SIGBUS guard slot left for shared-memory region %r; it is read and written with copies",
+                        self.name)
+            return
         self.bytes = whole[self.offset - start:]  # the region's bytes, [0, byte_size)
 
     def faulted(self):
