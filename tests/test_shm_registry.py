@@ -354,3 +354,29 @@ def test_an_object_that_shrinks_under_the_mapping_gives_an_error_never_sigbus():
                     r"used it; unregister the region and register it again", lines[0]), proc.stdout
     assert lines[1].startswith("after: the shared-memory object") and "shrank" in lines[1], proc.stdout
     assert lines[2] == "race: 200", proc.stdout
+
+
+@pytest.mark.skipif(_shm._shmguard is None, reason="server._shmguard is not built")
+def test_a_fault_outside_every_guarded_mapping_still_ends_the_process():
+    """The guard answers only faults inside the mappings it was given; any other SIGBUS kills the process as it
+    would have (here: a mapping of the child's own, truncated, then read past its end)."""
+    code = textwrap.dedent("""
+        import mmap, os
+        import numpy as np
+        from server import _shmguard
+        guarded = mmap.mmap(-1, 1 << 16)
+        _shmguard.protect(np.frombuffer(guarded, np.uint8).ctypes.data, 1 << 16)  # installs the handler
+        path = f"/dev/shm/test_shm_foreign_{os.getpid()}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.unlink(path)
+        os.ftruncate(fd, 1 << 16)
+        other = np.frombuffer(mmap.mmap(fd, 1 << 16), np.uint8)
+        os.ftruncate(fd, 0)
+        print("before", flush=True)
+        print(int(other[8192]), flush=True)  # SIGBUS, not ours
+        print("survived", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == ["before"] and proc.returncode == -7, (proc.returncode, proc.stdout,
+                                                                              proc.stderr)
