@@ -113,6 +113,10 @@ class _Region:
         try:
             self.mapping = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                      offset=start)
+        except ValueError:  # Python's own size check: the object shrank since register() looked at it
+            raise SharedMemoryError(f"shared-memory region {self.name!r}: the object {self.key!r} shrank below "
+                                    f"offset {self.offset} + byte_size {self.byte_size} while it was being "
+                                    f"registered") from None
         except OSError as exc:  # e.g. no address space left: this region copies instead
             log.warning("cannot map shared-memory region %r (%s); it is read and written with copies", self.name,
                         exc.strerror)
