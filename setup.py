@@ -66,6 +66,8 @@ def _extensions():
         exts.append(Extension(name, [pyx], include_dirs=[np.get_include()], define_macros=macros,
                               extra_compile_args=opt + omp_compile + ["-Wno-unused-function"],
                               extra_link_args=omp_link))
+    # The SIGBUS guard of the server's shared-memory mappings (server/_shm.py); plain C, no Cython.
+    shm_guard = Extension("server._shmguard", [os.path.join("server", "_shmguard.c")], extra_compile_args=["-O2"])
     directives = {
         "language_level": 3,
         "boundscheck": DEBUG,
@@ -74,7 +76,7 @@ def _extensions():
         "cdivision": True,
         "embedsignature": True,
     }
-    return cythonize(exts, compiler_directives=directives, quiet=True)
+    return cythonize(exts, compiler_directives=directives, quiet=True) + [shm_guard]
 
 
 def _stage_protos(proto_dir, stage_dir):

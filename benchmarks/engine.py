@@ -213,18 +213,18 @@ def _try_import(name):
 class RowData:
     """The arrays of one row, shared by every contender: input in both layouts, weights, preallocated outputs."""
 
-    def __init__(self, layer, n, seed=0):
+    def __init__(self, layer, n, seed=0, dtype=np.float32):
         rng = np.random.default_rng(seed)
         self.layer, self.n = layer, n
         nsp = layer.nsp
-        self.x_cf = rng.standard_normal((n, layer.c_in) + layer.spatial, dtype=np.float32)
+        self.x_cf = rng.standard_normal((n, layer.c_in) + layer.spatial, dtype=dtype)
         self.x_cl = np.ascontiguousarray(np.moveaxis(self.x_cf, 1, -1))
-        w = rng.standard_normal((layer.c_out, layer.c_in // layer.groups) + layer.kernel, dtype=np.float32)
-        self.w_oi = w * np.float32(1.0 / math.sqrt(layer.gemm_k))
+        w = rng.standard_normal((layer.c_out, layer.c_in // layer.groups) + layer.kernel, dtype=dtype)
+        self.w_oi = w * w.dtype.type(1.0 / math.sqrt(layer.gemm_k))
         # HWIO (Keras) for the NHWC plan: the layout a channels_last user hands in.
         self.w_io = np.ascontiguousarray(np.transpose(self.w_oi, tuple(range(2, 2 + nsp)) + (1, 0)))
-        self.out_cf = np.zeros((n, layer.c_out) + layer.out_spatial, dtype=np.float32)
-        self.out_cl = np.zeros((n,) + layer.out_spatial + (layer.c_out,), dtype=np.float32)
+        self.out_cf = np.zeros((n, layer.c_out) + layer.out_spatial, dtype=dtype)
+        self.out_cl = np.zeros((n,) + layer.out_spatial + (layer.c_out,), dtype=dtype)
 
 
 @dataclass
@@ -327,8 +327,8 @@ def ort_contenders(d, threads):
     """onnxruntime on a one-node Conv model with explicit pads, input and output bound once (IOBinding)."""
     ort = sys.modules.get("onnxruntime")
     onnx = sys.modules.get("onnx")
-    if ort is None or onnx is None:
-        return []
+    if ort is None or onnx is None or d.x_cf.dtype != np.float32:
+        return []  # (the float64 run compares convcore with torch only)
     from onnx import TensorProto, helper, numpy_helper
 
     ly = d.layer
@@ -365,8 +365,8 @@ def gemm_contender(d):
     g, k, p = ly.groups, ly.gemm_k, math.prod(ly.out_spatial)
     rng = np.random.default_rng(2)
     w = d.w_oi.reshape(g, ly.c_out // g, k)
-    col = rng.standard_normal((d.n, g, k, p), dtype=np.float32)
-    out = np.empty((d.n, g, ly.c_out // g, p), dtype=np.float32)
+    col = rng.standard_normal((d.n, g, k, p), dtype=d.x_cf.dtype)
+    out = np.empty((d.n, g, ly.c_out // g, p), dtype=d.x_cf.dtype)
     return Contender("GEMM limit", lambda: np.matmul(w, col, out=out), None)
 
 
@@ -374,24 +374,41 @@ def gemm_contender(d):
 # Timing
 # --------------------------------------------------------------------------------------------------------------------
 
-def time_contenders(contenders, repeats, pause, warmup_s=0.2):
+#: After a switch of thread pool, untimed calls continue until one runs within this factor of the contender's best
+#: call so far (a woken team needs one to three calls here: COMMON.md's wake-up figures) ...
+SETTLE_FACTOR = 1.3
+#: ... but at most this many untimed calls, or this many seconds of them, after the first.
+SETTLE_MAX_CALLS = 6
+SETTLE_MAX_S = 0.05
+#: Timed calls per contender per round (each one a sample), fewer once they took TIMED_MAX_S (long rows need fewer
+#: samples and would make the suite twice as long).
+TIMED_PER_ROUND = 3
+TIMED_MAX_S = 0.03
+
+
+def time_contenders(contenders, repeats, pause, warmup_s=0.2, timed=TIMED_PER_ROUND):
     """Time contenders in interleaved rounds and return the samples (seconds) of each.
 
-    Every round runs each contender once; the order of thread pools rotates from round to round so that no
+    Every round runs each contender `timed` times; the order of thread pools rotates from round to round so that no
     contender always follows the same one. Switching to another thread pool (convcore's OpenMP, torch's OpenMP,
     ORT's pool, numpy's OpenBLAS) is preceded by `pause` seconds of sleep: a pool that just finished keeps spinning
-    for ~0.1 s and would slow the next one 5-20x (PERF-NOTES). After the pause, one untimed call wakes the pool up,
-    then one call is timed.
+    for ~0.1 s and would slow the next one 5-20x (PERF-NOTES). After the pause the pool's threads are asleep, and on
+    this VM the first one to three calls of a 2-thread team run 2-5x slower (the team's end barrier waits for a
+    vCPU that wakes late); so untimed calls follow until one runs within SETTLE_FACTOR of the contender's best call
+    so far (at most SETTLE_MAX_CALLS of them, SETTLE_MAX_S seconds), and only then are `timed` calls timed. Every
+    contender of a pool gets this, not only the first after the switch (which used to absorb the wake-up alone).
 
     Parameters
     ----------
     contenders : list of Contender
     repeats : int
-        Rounds (samples per contender).
+        Rounds.
     pause : float
         Seconds of sleep when the thread pool changes.
     warmup_s : float
         Warm-up per contender: at least 2 calls, more until this many seconds passed (at most 20 calls).
+    timed : int
+        Timed calls per contender per round (fewer once they took TIMED_MAX_S seconds).
 
     Returns
     -------
@@ -399,18 +416,26 @@ def time_contenders(contenders, repeats, pause, warmup_s=0.2):
         name -> list of float seconds.
     """
     last_pool = [None]
+    best = {c.name: math.inf for c in contenders}
 
     def switch(c):
         if _POOL[c.name] != last_pool[0]:
             time.sleep(pause)
             last_pool[0] = _POOL[c.name]
 
+    def call(c):
+        t0 = time.perf_counter()
+        c.fn()
+        dt = time.perf_counter() - t0
+        best[c.name] = min(best[c.name], dt)
+        return dt
+
     for c in contenders:
         switch(c)
         t0 = time.perf_counter()
         calls = 0
         while calls < 2 or (calls < 20 and time.perf_counter() - t0 < warmup_s):
-            c.fn()
+            call(c)
             calls += 1
     pools = []
     for c in contenders:
@@ -422,10 +447,18 @@ def time_contenders(contenders, repeats, pause, warmup_s=0.2):
         for pool in order:
             for c in (c for c in contenders if _POOL[c.name] == pool):
                 switch(c)
-                c.fn()
                 t0 = time.perf_counter()
-                c.fn()
-                samples[c.name].append(time.perf_counter() - t0)
+                dt = call(c)
+                extra = 0
+                while dt > SETTLE_FACTOR * best[c.name] and extra < SETTLE_MAX_CALLS \
+                        and time.perf_counter() - t0 < SETTLE_MAX_S:
+                    dt = call(c)
+                    extra += 1
+                t0 = time.perf_counter()
+                for k in range(timed):
+                    if k and time.perf_counter() - t0 > TIMED_MAX_S:
+                        break
+                    samples[c.name].append(call(c))
     return samples
 
 
@@ -454,7 +487,7 @@ def check_outputs(d, contenders):
 
 def bench_row(layer, n, args):
     """Run every available contender on one row; return a dict with medians, spreads and the check result."""
-    d = RowData(layer, n)
+    d = RowData(layer, n, dtype=np.dtype(args.dtype))
     cc, algo = convcore_contenders(d, args.threads, per_call=not args.no_per_call)
     contenders = cc + torch_contenders(d) + ort_contenders(d, args.threads) + [gemm_contender(d)]
     bad = check_outputs(d, contenders)
@@ -741,7 +774,7 @@ def bench_row_isa(layer, n, args, isa):
     old = os.environ.get("CONVCORE_ISA")
     os.environ["CONVCORE_ISA"] = isa
     try:
-        d = RowData(layer, n)
+        d = RowData(layer, n, dtype=np.dtype(args.dtype))
         cc, _ = convcore_contenders(d, args.threads, per_call=False)
         contenders = [c for c in cc if c.name in ("cc NCHW", "cc NHWC")] + torch_contenders(d)
         samples = time_contenders(contenders, args.repeats, args.pause, warmup_s=0.05 if args.quick else 0.2)
@@ -826,9 +859,12 @@ def render_section(args, info, peak, malloc_note, results, mem, largest, summary
            *machine_lines(info, peak),
            f"- Threads: {args.threads} for every contender (convcore `num_threads`, `torch.set_num_threads`, ORT "
            f"`intra_op_num_threads`, numpy's OpenBLAS via threadpoolctl).",
-           f"- Method: one process; float32; \"same\" padding; no bias. Per row a warm-up, then {args.repeats} "
-           f"interleaved rounds (every contender once per round, pool order rotated); {args.pause:.2f} s pause "
-           f"before each switch of thread pool, then one untimed call, then one timed call. GFLOP/s = "
+           f"- Method: one process; {args.dtype}; \"same\" padding; no bias. Per row a warm-up, then {args.repeats} "
+           f"interleaved rounds (every contender {TIMED_PER_ROUND} timed calls per round, fewer once they took "
+           f"{1e3 * TIMED_MAX_S:.0f} ms; pool order rotated); "
+           f"{args.pause:.2f} s pause before each switch of thread pool, then untimed calls until one runs within "
+           f"{SETTLE_FACTOR:g}x of the contender's best (at most {SETTLE_MAX_CALLS} more, {1e3 * SETTLE_MAX_S:.0f} ms), "
+           f"so that no sample includes waking the pool's threads. GFLOP/s = "
            f"2·N·Cout·prod(out)·Cin/g·prod(k) / median seconds. glibc: {malloc_note}. Outputs checked against a "
            f"float64 torch reference (max error / max |ref| < {CHECK_RTOL:g}).",
            "- Memory: for each probed row, a fresh subprocess allocates and touches input, weights and output, "
@@ -891,6 +927,9 @@ def parse_args(argv):
                         "(default 0.5; quick: 0 = never)")
     p.add_argument("--no-isa-rerun", action="store_true",
                    help="skip the extra run with CONVCORE_ISA=avx2 on an AVX-512 machine (--quick skips it too)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="element type of every contender (default float32; float64 runs without ORT and memory "
+                        "probes, and needs --output: the GEMM peak stays the float32 one)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -905,6 +944,10 @@ def parse_args(argv):
         args.rerun_spread = 0.0 if args.quick else 0.5
     if args.mem is None:
         args.mem = "largest" if args.quick else "all"
+    if args.dtype != "float32":
+        if args.output is None:
+            p.error("--dtype float64 needs --output (BENCHMARKS.md's generated section is the float32 run)")
+        args.mem = "none"
     if args.output is None:
         args.output = os.path.join(ROOT, "BENCHMARKS.md")
     args.argv = list(argv)

@@ -565,11 +565,12 @@ def run_loadtest(server, model, shape, concurrency, processes, duration, warmup,
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=duration + warmup + 90)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out", "cmd": cmd}
+    except subprocess.TimeoutExpired as exc:
+        return _failed(f"timed out after {exc.timeout:g} s", exc.stdout, exc.stderr, cmd)
     wall = time.monotonic() - t0
     if proc.returncode != 0 or not os.path.exists(out):
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}", "cmd": cmd}
+        return _failed(f"exit {proc.returncode}" + ("" if os.path.exists(out) else ", no JSON written"),
+                       proc.stdout, proc.stderr, cmd)
     with open(out) as f:
         summary = json.load(f)["summary"]
     return {"req_s": summary["req_per_s"], "p50": summary["latency_ms"]["p50"],
@@ -577,6 +578,20 @@ def run_loadtest(server, model, shape, concurrency, processes, duration, warmup,
             # The server only works while load runs (warm-up + measured), not while the client imports its modules.
             "client_cpu": (_children_cpu() - cpu0) / wall,
             "server_cpu": _cpu_rate(server, srv0, min(wall, warmup + duration)), "cmd": cmd}
+
+
+def _failed(what, stdout, stderr, cmd):
+    """The result of a tool run that failed: `what` and the ends of its output (shown in the report and on stderr,
+    so that a failure under load can be diagnosed from the run's log alone)."""
+    def tail(text):
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        return " ".join((text or "").split())[-600:]
+
+    error = f"{what}; stderr: {tail(stderr) or '(empty)'}; stdout: {tail(stdout) or '(empty)'}"
+    print(f"benchmarks.service: {os.path.basename(cmd[0]) if cmd else ''} {' '.join(cmd[1:4])} ... failed: {error}",
+          file=sys.stderr, flush=True)
+    return {"error": error, "cmd": cmd}
 
 
 def _cpu_rate(server, before, wall):
@@ -619,10 +634,9 @@ def run_perf_analyzer(server, model, shape, concurrency, interval_ms, workdir):
     cpu0, srv0, t0 = _children_cpu(), server.cpu_seconds(), time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=8 * interval_ms / 1e3 + 90)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out", "cmd": cmd}
+    except subprocess.TimeoutExpired as exc:
+        return _failed(f"timed out after {exc.timeout:g} s", exc.stdout, exc.stderr, cmd)
     wall = time.monotonic() - t0
-    text = proc.stdout + proc.stderr
     rows = []
     if proc.returncode == 0 and os.path.exists(csv_path):
         with open(csv_path) as f:
@@ -630,7 +644,7 @@ def run_perf_analyzer(server, model, shape, concurrency, interval_ms, workdir):
         if len(lines) >= 2:
             rows = [dict(zip(lines[0], r)) for r in lines[1:]]
     if not rows:
-        return {"error": f"exit {proc.returncode}: {text.strip()[-300:]}", "cmd": cmd}
+        return _failed(f"exit {proc.returncode}, no CSV rows", proc.stdout, proc.stderr, cmd)
     row = rows[0]
     return {"req_s": float(row["Inferences/Second"]) / shape[0], "p50": float(row["p50 latency"]) / 1e3,
             "p99": float(row["p99 latency"]) / 1e3, "client_cpu": (_children_cpu() - cpu0) / wall,

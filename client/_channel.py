@@ -16,7 +16,11 @@ DEFAULT_MAX_MESSAGE_MB = 256
 DEFAULT_RETRY_ATTEMPTS = 4
 DEFAULT_KEEPALIVE_MS = 30_000
 
-_RETRIED_SERVICES = ("convservice.v1.ConvService", "grpc.health.v1.Health")
+#: What gRPC may retry on UNAVAILABLE: our service (every method is safe to repeat: Infer and Conv compute, the model
+#: calls are idempotent or refuse a repeat), health, and KServe's ModelInfer (the SDK's shared-memory path), which is
+#: idempotent; not the rest of KServe (a repeated shared-memory registration would find its own first attempt).
+_RETRIED = ({"service": "convservice.v1.ConvService"}, {"service": "grpc.health.v1.Health"},
+            {"service": "inference.GRPCInferenceService", "method": "ModelInfer"})
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
@@ -24,7 +28,7 @@ def _service_config(attempts):
     config = {"loadBalancingConfig": [{"round_robin": {}}]}  # spread calls over every address of the target
     if attempts > 1:
         config["methodConfig"] = [{
-            "name": [{"service": s} for s in _RETRIED_SERVICES],
+            "name": list(_RETRIED),
             # gRPC retries transparently, with backoff, and only while the request fits its retry buffer.
             "retryPolicy": {
                 "maxAttempts": attempts,
@@ -116,6 +120,10 @@ class ChannelSettings:
             "grpc.max_receive_message_length": limit,
             "grpc.service_config": _service_config(retries),
             "grpc.enable_retries": 1 if retries > 1 else 0,
+            # gRPC keeps a request for a retry only up to this size, 256 KiB by default, and commits (never
+            # retries) a larger one: a 1x64x56x56 float32 Infer is 0.8 MB. The request bytes are alive during the
+            # call anyway; this only keeps them until the answer starts.
+            "grpc.per_rpc_retry_buffer_size": limit,
             "grpc.keepalive_time_ms": DEFAULT_KEEPALIVE_MS,
             "grpc.keepalive_timeout_ms": 10_000,
         }

@@ -41,7 +41,8 @@ _KSERVE_NAME = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64"}
 
 def kserve_datatype(dtype):
     """The KServe v2 datatype name ("FP32", "FP64") of a numpy dtype."""
-    return _KSERVE_NAME[np.dtype(dtype).newbyteorder("=")]
+    name = _KSERVE_NAME.get(dtype)  # the common case, a native dtype object: one dict lookup
+    return name if name is not None else _KSERVE_NAME[np.dtype(dtype).newbyteorder("=")]
 
 
 def dtype_name(value):
@@ -142,7 +143,7 @@ def tensor_array(field, dtype, shape, data):
         raise ValueError(f"{field}.data has {size} bytes, expected {expected} (shape {list(shape)} of "
                          f"{dtype.name}, {dtype.itemsize} bytes each, row-major)")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    if array.ctypes.data % dtype.itemsize:
+    if not array.flags.aligned:  # numpy's own check of the address against the item's alignment
         array = array.copy()  # misaligned: the one copy
         array.flags.writeable = False
     return array
@@ -424,7 +425,7 @@ class MessageBuffer:
             return
         raw = (ctypes.c_char * nbytes).from_address(address + len(header))
         payload = np.frombuffer(raw, dtype=dtype).reshape(shape)
-        if payload.ctypes.data % dtype.itemsize == 0:
+        if payload.flags.aligned:
             self.array = payload
         else:  # an allocator that does not align bytes objects: compute elsewhere, copy once in finish()
             self.array, self._payload = np.empty(shape, dtype), payload
@@ -454,13 +455,27 @@ def _tensor_header(dtype, shape, nbytes, outer_field, base=0):
     raise AssertionError("unreachable")
 
 
+_HEADERS = {}  # (model, version, output, shape, dtype) -> header, for responses without an id (most of them)
+_TENSOR_HEADERS = {}  # (shape, dtype) -> InferResponse / ConvResponse header
+
+
+def _remember(table, key, value):
+    if len(table) >= 256:
+        table.clear()  # shapes are client-chosen: keep the table bounded
+    table[key] = value
+    return value
+
+
 def tensor_response(shape, dtype):
     """A MessageBuffer for InferResponse / ConvResponse (both are ``{1: Tensor output}``)."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    return MessageBuffer(_tensor_header(dtype, shape, nbytes, 1), shape, np.dtype(dtype).newbyteorder("<"))
-
-
-_HEADERS = {}  # (model, version, output, shape, dtype) -> header, for responses without an id (most of them)
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)
+    key = (shape, dtype.str)
+    header = _TENSOR_HEADERS.get(key)
+    if header is None:
+        header = _remember(_TENSOR_HEADERS, key,
+                           _tensor_header(dtype, shape, math.prod(shape) * dtype.itemsize, 1))
+    return MessageBuffer(header, shape, dtype.newbyteorder("<"))
 
 
 def model_infer_response(model_name, model_version, request_id, output_name, shape, dtype):
@@ -471,9 +486,7 @@ def model_infer_response(model_name, model_version, request_id, output_name, sha
     if header is None:
         header = _model_infer_header(model_name, model_version, request_id, output_name, shape, dtype)
         if not request_id:
-            if len(_HEADERS) >= 256:
-                _HEADERS.clear()  # shapes are client-chosen: keep the table bounded
-            _HEADERS[key] = header
+            _remember(_HEADERS, key, header)
     return MessageBuffer(header, shape, dtype.newbyteorder("<"))
 
 

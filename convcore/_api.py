@@ -24,6 +24,20 @@ ALGORITHMS = ("auto", "packed", "blas", "im2col", "general")
 TILE_BYTES = 512 * 1024
 #: ... but never fewer output pixels per tile than this: below it the GEMM's N dimension is too thin to run fast.
 MIN_TILE = 64
+#: Bit of the plan's `_narrow` (the kernels' Geom.narrow) for the padded-input NCHW path (see _kernels).
+NCHW_PADDED = 2
+#: ... used for rows of the padded grid up to this many pixels (a tile holds at least one whole row).
+PADDED_MAX_ROW = 4096
+#: ... and while the padded copy of a tile of 4 panels (all channels of a group, stride phases) fits in this many
+#: L2 sizes; tiles are then sized to keep the copy within it (a per-thread workspace: it must stay small next to
+#: the layer's own data; wider layers gather per tap, 8 x K x tile at most).
+PADDED_COPY_L2 = 2
+#: Bit for pixel tiles across the images of a batch (packed NCHW), set when one image's pixels fill less than this
+#: fraction of the kernel panels its tiles compute (7x7: 49 of 64 columns).
+NCHW_BATCHED = 4
+BATCHED_BELOW_FILL = 0.85
+#: ... and has at most this many panels (larger images have enough columns; their own paths gather less).
+BATCHED_MAX_PANELS = 4
 #: Packed NHWC layers with fewer input channels per group than this gather pixels into panels (see _kernels).
 APACK_MAX_CIG = 16
 
@@ -163,13 +177,32 @@ class ConvPlan:
             # ... or, better, read a kernel row's KW taps (KW*Cig contiguous floats) in place through one pointer:
             # no gather (it took more time than the micro-kernel on ResNet conv1, perf); see _item_packed_nhwc.
             self._apack = 2
+        # Packed NCHW, 2-D, a real kernel window: taps index a zero-padded copy of the input rows (split into
+        # stride phases) instead of gathering a column row each (_item_packed_nchw_pad); its pixel grid is
+        # OH x (OW + (KW-1)*DW // SW).
+        c = self._canon  # (D, H, W, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW)
+        # Not for 1-D layers (one output row: tiles must split the row) nor rows too wide for a tile of one row.
+        self._padded = (self._algo == ALGO_PACKED and not geo.channels_last and not self._general
+                        and c[0] == 1 and c[3] == 1 and c[15] == 1 and (c[16] > 1 or c[4] > 1) and c[4] * c[5] > 1
+                        and c[17] + (c[5] - 1) * c[11] // c[8] <= PADDED_MAX_ROW)
+        if self._padded:
+            rows = min(c[16], -(-4 * self._nr // self._padded_grid(1)[0]))
+            if self._padded_copy_bytes(rows) > PADDED_COPY_L2 * cache_sizes()[1]:
+                self._padded = False
         if not geo.channels_last:
             # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
             # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
             mr, nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, False, True)
-            P = math.prod(geo.out_spatial)
+            P = c[16] * (c[17] + (c[5] - 1) * c[11] // c[8]) if self._padded else math.prod(geo.out_spatial)
             if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr:
                 self._narrow, self._nr = True, nr
+        if self._padded:
+            self._narrow = int(self._narrow) | NCHW_PADDED
+        if not geo.channels_last and self._algo == ALGO_PACKED and not self._general:
+            # Small images: at batch > 1, tiles run across images so the panels fill up (_item_packed_nchw_batched).
+            if math.prod(geo.out_spatial) < BATCHED_BELOW_FILL * -(-P // self._nr) * self._nr \
+                    and P <= BATCHED_MAX_PANELS * self._nr:
+                self._narrow = int(self._narrow) | NCHW_BATCHED
         self._kc = min(_k_block, self._ck) if _k_block is not None else \
             k_block(self._nr, self.dtype.itemsize, self._ck)
 
@@ -286,7 +319,9 @@ class ConvPlan:
         -------
         dict
             ``tile`` (output pixels per work item), ``pixel_tiles``, ``channel_chunk`` (output channels per work
-            item), ``channel_chunks``, ``k_block`` (K rows per micro-kernel pass; packed path only), ``items``.
+            item), ``channel_chunks``, ``k_block`` (K rows per micro-kernel pass; packed path only), ``items``,
+            ``across_batch`` (True when pixel tiles run across the images of the batch: small NCHW images at
+            batch > 1; ``tile`` and ``pixel_tiles`` then count pixels of the whole batch).
         """
         n = self.input_shape[0] if batch is None else batch
         nthreads = self.num_threads(n, num_threads)
@@ -294,12 +329,11 @@ class ConvPlan:
         geo = self.geometry
         P = math.prod(geo.out_spatial)
         cog = geo.Cout // geo.groups
-        if self._fold(n):   # tiles over the whole batch's pixels
-            P, n = n * P, 1
-        ptiles, mtiles = -(-P // tile), -(-cog // mchunk)
+        across = bool(n > 1 and self._algo == ALGO_PACKED and self._narrow & NCHW_BATCHED) or self._fold(n)
+        ptiles, mtiles = -(-(n * P if across else P) // tile), -(-cog // mchunk)
         return {"tile": tile, "pixel_tiles": ptiles, "channel_chunk": mchunk, "channel_chunks": mtiles,
                 "k_block": self._kc if self._algo == ALGO_PACKED else None,
-                "items": n * geo.groups * ptiles * mtiles}
+                "items": (1 if across else n) * geo.groups * ptiles * mtiles, "across_batch": across}
 
     def _fold(self, n):
         """Whether a packed NHWC call of `n` items tiles the batch's pixels as one range (items span images).
@@ -329,6 +363,10 @@ class ConvPlan:
         packed = self._algo == ALGO_PACKED
         # Packed chunks start on a micro-kernel panel: the channel dim is MR wide (NCHW) or NR wide (NHWC).
         panel = (self._nr if geo.channels_last else self._mr) if packed else 1
+        if n > 1 and self._narrow & NCHW_BATCHED:
+            return self._tiling_batched(n, nthreads)
+        if self._padded:
+            return self._tiling_padded(n, nthreads)
         if self._tile_size is not None:
             tile = min(self._tile_size, P)
         elif packed:
@@ -395,6 +433,119 @@ class ConvPlan:
         border = sum(1 for ow in range(ow_n) if ow * sw - pw < 0 or ow * sw - pw + kw > w)
         rows = -(-tile // ow_n) + 1
         return min(tile, rows * border) * (math.prod(geo.ksize) // kw)
+
+    def _tiling_batched(self, n, nthreads):
+        """_tiling for pixel tiles across the batch (small NCHW images, batch > 1): whole panels over N * P pixels.
+
+        The returned tile counts pixels of the batch (``tiling()`` says ``across_batch``). The (pixel tiles,
+        channel chunks) pair is the one whose slowest thread has least to do (panel x channel units, all items'
+        spread over the team or the largest item times the items per thread), with small charges per extra chunk
+        (it gathers the same pixels again) and per tile (it streams the weights again), among tiles within the
+        L2 share.
+        """
+        geo = self.geometry
+        nr, mr, itemsize = self._nr, self._mr, self.dtype.itemsize
+        g, cog = geo.groups, geo.Cout // geo.groups
+        q = n * math.prod(geo.out_spatial)
+        qpan = -(-q // nr)
+
+        def split(tile):
+            pt = -(-q // tile)
+            return pt, [tile // nr] * (pt - 1) + [-(-(q - tile * (pt - 1)) // nr)]
+
+        if self._tile_size is not None:
+            tile = min(max(nr, self._tile_size // nr * nr), qpan * nr)
+            mtiles = 1
+            if g * split(tile)[0] < nthreads and cog >= 32 and self._channel_tile is None:
+                mtiles = min(-(-2 * nthreads // (g * split(tile)[0])), cog // 16)
+            mchunk = -(-cog // mtiles) if self._channel_tile is None else min(cog, self._channel_tile)
+        else:
+            tmax = max(nr, pixel_tile(self._kc, itemsize, nr))
+            best = None
+            for pt in range(-(-q // tmax), min(qpan, 64) + 1):
+                tile = -(-qpan // pt) * nr
+                ptr, pans = split(tile)
+                for mt in (1, 2, 4, 8):
+                    if mt > 1 and (cog // mt < 16 or self._channel_tile is not None):
+                        break
+                    mch = -(-(-(-cog // mt)) // mr) * mr
+                    mtr = -(-cog // mch)
+                    items = g * ptr * mtr
+                    span = max(g * sum(pans) * cog / nthreads, -(-items // nthreads) * max(pans) * mch)
+                    cost = span * (1 + 0.03 * (mtr - 1)) * (1 + 0.01 * ptr)
+                    if best is None or cost < best[0] - 1e-9:
+                        best = (cost, tile, mch)
+            _, tile, mchunk = best
+            if self._channel_tile is not None:
+                mchunk = min(cog, self._channel_tile)
+        mchunk = min(-(-mchunk // mr) * mr, -(-cog // mr) * mr)
+        ws = self._kc * (tile + 64 // itemsize) + mchunk * tile
+        return tile, mchunk, ws, 0
+
+    def _padded_copy_bytes(self, rows):
+        """Bytes of the padded input copy of a tile of `rows` output rows."""
+        c, geo = self._canon, self.geometry
+        wp, _, hx = self._padded_grid(rows)
+        return (geo.C // geo.groups) * c[7] * c[8] * hx * wp * self.dtype.itemsize
+
+    def _padded_grid(self, rows):
+        """(Wp, tq, Hx) of the padded-input path for tiles of `rows` output rows (the formulas of _kernels.run)."""
+        c = self._canon
+        wp = c[17] + (c[5] - 1) * c[11] // c[8]
+        tq = -(-rows * wp // self._nr) * self._nr
+        hx = -(-(tq + (c[4] - 1) * c[10] // c[7] * wp + (c[5] - 1) * c[11] // c[8]) // wp)
+        return wp, tq, hx
+
+    def _tiling_padded(self, n, nthreads):
+        """_tiling for the padded-input NCHW path: tiles of whole output rows, the row count that wastes least.
+
+        A tile of r rows computes ceil(r * Wp / NR) panels of the padded grid; the pick minimises the time of the
+        slowest thread (panels of all items spread over the team, or the largest item's panels times the items per
+        thread, channel chunks counted as the split below makes them) with small charges for each tile's halo rows and
+        each extra channel chunk, among tiles whose grid block fits the L2 share and, unless the image is small,
+        keep at least 4 panels per item.
+        """
+        geo, c = self.geometry, self._canon
+        oh, ow, halo = c[16], c[17], (c[4] - 1) * c[10] / c[7]
+        cog = geo.Cout // geo.groups
+        itemsize = self.dtype.itemsize
+        wp = self._padded_grid(1)[0]
+        if self._tile_size is not None:
+            rows = max(1, min(oh, self._tile_size // ow))
+        else:
+            rmax = max(1, min(oh, pixel_tile(self._kc, itemsize, 1) // wp))
+            budget = PADDED_COPY_L2 * cache_sizes()[1]
+            while rmax > 1 and self._padded_copy_bytes(rmax) > budget:
+                rmax -= 1
+            rmin = min(rmax, -(-4 * self._nr // wp))
+            best = None
+            for rows in range(rmin, rmax + 1):
+                ptiles = -(-oh // rows)
+                sizes = [rows] * (ptiles - 1) + [oh - rows * (ptiles - 1)]
+                pans = [-(-r * wp // self._nr) for r in sizes]
+                items = n * geo.groups * ptiles
+                # Too few items: _tiling_padded splits the channels too (below); model that split's units.
+                mt = min(-(-2 * nthreads // items), max(1, cog // 16)) if items < nthreads and cog >= 32 else 1
+                span = max(n * geo.groups * sum(pans) / nthreads, -(-items * mt // nthreads) * max(pans) / mt)
+                cost = span * (1 + 0.1 * halo / rows) * (1 + 0.05 * (mt - 1))
+                if best is None or cost < best[0] - 1e-9:
+                    best = (cost, rows)
+            rows = best[1]
+        ptiles = -(-oh // rows)
+        rows = -(-oh // ptiles)
+        tile = rows * ow
+        items = n * geo.groups * ptiles
+        if self._channel_tile is not None:
+            mchunk = min(cog, self._channel_tile)
+        else:
+            mtiles = 1
+            if items < nthreads and cog >= 32:
+                mtiles = min(-(-2 * nthreads // items), cog // 16)
+            mchunk = -(-cog // mtiles)
+        mchunk = min(-(-mchunk // self._mr) * self._mr, -(-cog // self._mr) * self._mr)
+        _, tq, hx = self._padded_grid(rows)
+        ws = (geo.C // geo.groups) * c[7] * c[8] * hx * wp + mchunk * tq
+        return tile, mchunk, ws, self._ck
 
     # Per-call facts that depend only on the batch size (and the thread count), computed on a batch's first call:
     # plan.run is called per request, and recomputing them cost ~5 us of Python per call (measured). Bounded, as a
@@ -516,7 +667,8 @@ def make_plan(x_shape, kernel, bias=None, *, strides=1, padding="valid", dilatio
         the input for 1x1/stride 1/no padding, direct depthwise), "im2col" (im2col + BLAS, no fast path) or
         "general" (the general element-by-element N-d gather + BLAS, for tests).
     tile_size : int, optional
-        Output pixels per work item (default: sized to the L2 cache).
+        Output pixels per work item (default: sized to the L2 cache); packed NCHW 2-D layers round it down to
+        whole output rows (at least one), small NCHW images at batch > 1 to whole kernel panels of the batch.
     channel_tile : int, optional
         Output channels per work item (default: all of a group's, split only when there are too few pixel tiles to
         feed the threads). The packed kernels round it up to a whole micro-kernel panel (``plan.tiling()`` shows

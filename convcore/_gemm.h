@@ -10,6 +10,9 @@
  *              tile's padded width: no second copy into panels). NHWC with few channels per group: A = input pixels
  *              gathered into [k][MR] panels (a tap of 3 channels is too short for igemm's pointer reloads),
  *              B = weights packed in the plan.
+ *   - "pgemm": the gemm kind with B row k at b + boff[k]. NCHW stride-1 2-D layers: B = a zero-padded copy of the
+ *              input rows a tile reads, on a grid of OW + (KW-1)*DW pixels per row, where every tap (ci, kh, kw) is
+ *              one fixed offset, so the B panel is read in place and no tap is gathered.
  *   - "igemm": A reached through MR row pointers per kernel tap (XNNPACK's indirection, STYLE.md 18): row i of tap t
  *              is ap[t*MR + i][koff .. koff+klen).  NHWC: A = input pixels straight from the tensor (padding points
  *              at a row of zeros), B = weights packed once in the plan.
@@ -35,6 +38,10 @@ typedef void (*cc_gemm_f32_t)(ptrdiff_t, const float*, const float*, ptrdiff_t, 
                               ptrdiff_t, int);
 typedef void (*cc_gemm_f64_t)(ptrdiff_t, const double*, const double*, ptrdiff_t, double*, ptrdiff_t, ptrdiff_t,
                               ptrdiff_t, int);
+typedef void (*cc_pgemm_f32_t)(ptrdiff_t, const float*, const float*, const ptrdiff_t*, float*, ptrdiff_t, ptrdiff_t,
+                               ptrdiff_t, int);
+typedef void (*cc_pgemm_f64_t)(ptrdiff_t, const double*, const double*, const ptrdiff_t*, double*, ptrdiff_t,
+                               ptrdiff_t, ptrdiff_t, int);
 typedef void (*cc_igemm_f32_t)(ptrdiff_t, ptrdiff_t, const float* const*, ptrdiff_t, const float*, float*, ptrdiff_t,
                                ptrdiff_t, ptrdiff_t, int);
 typedef void (*cc_igemm_f64_t)(ptrdiff_t, ptrdiff_t, const double* const*, ptrdiff_t, const double*, double*,
@@ -69,26 +76,41 @@ typedef void (*cc_igemm_f64_t)(ptrdiff_t, ptrdiff_t, const double* const*, ptrdi
         }                                                                                                       \
     }
 
-/* gemm kind: A[K][MR] packed, B[K] rows of NR, ldb apart. */
-#define CCG_DEFINE_GEMM(NAME, ATTR, S, V, VL, MR, NV)                                                          \
-ATTR static void NAME(ptrdiff_t K, const S* a, const S* b, ptrdiff_t ldb, S* c, ptrdiff_t ldc, ptrdiff_t mr,    \
-                      ptrdiff_t nr, int add)                                                                    \
-{                                                                                                               \
+/* The body both kinds share: K steps of one B row (BROW(k), NV vectors) times MR broadcasts of packed A. */
+#define CCG_PACKED_A_BODY(S, V, VL, MR, NV, BROW)                                                              \
     V acc[MR][NV];                                                                                              \
     CCG_UNROLL(16) for (int i = 0; i < (MR); i++) {                                                             \
         CCG_UNROLL(4) for (int v = 0; v < (NV); v++) acc[i][v] = (V){0};                                        \
     }                                                                                                           \
     for (ptrdiff_t k = 0; k < K; k++) {                                                                         \
+        const S* bk = BROW(k);                                                                                  \
         V bv[NV];                                                                                               \
-        CCG_UNROLL(4) for (int v = 0; v < (NV); v++) bv[v] = CCG_LOAD(V, b + v * (VL));                         \
+        CCG_UNROLL(4) for (int v = 0; v < (NV); v++) bv[v] = CCG_LOAD(V, bk + v * (VL));                        \
         CCG_UNROLL(16) for (int i = 0; i < (MR); i++) {                                                         \
             const S ai = a[i];                                                                                  \
             CCG_UNROLL(4) for (int v = 0; v < (NV); v++) acc[i][v] += ai * bv[v];                               \
         }                                                                                                       \
         a += (MR);                                                                                              \
-        b += ldb;                                                                                               \
     }                                                                                                           \
-    CCG_STORE_TILE(S, V, VL, MR, NV)                                                                            \
+    CCG_STORE_TILE(S, V, VL, MR, NV)
+
+/* gemm kind: A[K][MR] packed, B[K] rows of NR, ldb apart. */
+#define CCG_BROW_STRIDED(k) (b + (k) * ldb)
+#define CCG_DEFINE_GEMM(NAME, ATTR, S, V, VL, MR, NV)                                                          \
+ATTR static void NAME(ptrdiff_t K, const S* a, const S* b, ptrdiff_t ldb, S* c, ptrdiff_t ldc, ptrdiff_t mr,    \
+                      ptrdiff_t nr, int add)                                                                    \
+{                                                                                                               \
+    CCG_PACKED_A_BODY(S, V, VL, MR, NV, CCG_BROW_STRIDED)                                                       \
+}
+
+/* pgemm kind: A[K][MR] packed, B row k at b + boff[k] (NCHW 2-D: rows of a zero-padded input tile, so the taps of
+ * one input row are the same memory at different offsets and nothing is gathered per tap). */
+#define CCG_BROW_OFFSET(k) (b + boff[k])
+#define CCG_DEFINE_PGEMM(NAME, ATTR, S, V, VL, MR, NV)                                                         \
+ATTR static void NAME(ptrdiff_t K, const S* a, const S* b, const ptrdiff_t* boff, S* c, ptrdiff_t ldc,          \
+                      ptrdiff_t mr, ptrdiff_t nr, int add)                                                      \
+{                                                                                                               \
+    CCG_PACKED_A_BODY(S, V, VL, MR, NV, CCG_BROW_OFFSET)                                                        \
 }
 
 /* igemm kind: for each of ntaps taps, MR row pointers (ap[t*MR + i]), each read at [koff, koff + klen); B packed
@@ -141,6 +163,10 @@ CCG_DEFINE_GEMM(ccg_gemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_A2_N
 CCG_DEFINE_GEMM(ccg_gemm_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemm_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_port_f32, , float, ccg_v4f, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_port_f64, , double, ccg_v2d, 2, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_port_f32, , float, ccg_v4f, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_port_f64, , double, ccg_v2d, 2, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_port_f32, , float, ccg_v4f, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
@@ -158,6 +184,10 @@ CCG_DEFINE_GEMM(ccg_gemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR
 CCG_DEFINE_GEMM(ccg_gemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
@@ -166,6 +196,10 @@ CCG_DEFINE_GEMM(ccg_gemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512
 CCG_DEFINE_GEMM(ccg_gemm_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmn_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemm_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_A512_NCHW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NCHW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_avx512_f64, CCG_T_AVX512, double, ccg_v8d, 8, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx512_f32, CCG_T_AVX512, float, ccg_v16f, 16, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV)
@@ -185,6 +219,10 @@ typedef struct {
     cc_gemm_f64_t gemmn_f64;
     cc_gemm_f32_t gemmh_f32;
     cc_gemm_f64_t gemmh_f64;
+    cc_pgemm_f32_t pgemm_f32;
+    cc_pgemm_f64_t pgemm_f64;
+    cc_pgemm_f32_t pgemmn_f32;
+    cc_pgemm_f64_t pgemmn_f64;
     int nchw_mr, nchw_nv, nhwc_mr, nhwc_nv, vec_bytes;
 } cc_gemm_kernels;
 
@@ -192,24 +230,29 @@ static const cc_gemm_kernels cc_gemm_table[3] = {
     {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
      ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      ccg_gemmh_port_f32, ccg_gemmh_port_f64,
+     ccg_pgemm_port_f32, ccg_pgemm_port_f64, ccg_pgemmn_port_f32, ccg_pgemmn_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
 #if CCG_HAVE_X86
     {ccg_gemm_avx2_f32, ccg_gemm_avx2_f64, ccg_igemm_avx2_f32, ccg_igemm_avx2_f64,
      ccg_gemmn_avx2_f32, ccg_gemmn_avx2_f64,
      ccg_gemmh_avx2_f32, ccg_gemmh_avx2_f64,
+     ccg_pgemm_avx2_f32, ccg_pgemm_avx2_f64, ccg_pgemmn_avx2_f32, ccg_pgemmn_avx2_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 32},
     {ccg_gemm_avx512_f32, ccg_gemm_avx512_f64, ccg_igemm_avx512_f32, ccg_igemm_avx512_f64,
      ccg_gemmn_avx512_f32, ccg_gemmn_avx512_f64,
      ccg_gemmh_avx512_f32, ccg_gemmh_avx512_f64,
+     ccg_pgemm_avx512_f32, ccg_pgemm_avx512_f64, ccg_pgemmn_avx512_f32, ccg_pgemmn_avx512_f64,
      CCG_A512_NCHW_MR, CCG_A512_NCHW_NV, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV, 64},
 #else
     {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
      ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      ccg_gemmh_port_f32, ccg_gemmh_port_f64,
+     ccg_pgemm_port_f32, ccg_pgemm_port_f64, ccg_pgemmn_port_f32, ccg_pgemmn_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
     {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
      ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      ccg_gemmh_port_f32, ccg_gemmh_port_f64,
+     ccg_pgemm_port_f32, ccg_pgemm_port_f64, ccg_pgemmn_port_f32, ccg_pgemmn_port_f64,
      CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
 #endif
 };

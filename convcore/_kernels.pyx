@@ -20,6 +20,10 @@ ctypedef Py_ssize_t idx_t
 cdef extern from "_gemm.h" nogil:
     ctypedef void (*cc_gemm_f32_t)(idx_t, const float*, const float*, idx_t, float*, idx_t, idx_t, idx_t, int)
     ctypedef void (*cc_gemm_f64_t)(idx_t, const double*, const double*, idx_t, double*, idx_t, idx_t, idx_t, int)
+    ctypedef void (*cc_pgemm_f32_t)(idx_t, const float*, const float*, const idx_t*, float*, idx_t, idx_t, idx_t,
+                                    int)
+    ctypedef void (*cc_pgemm_f64_t)(idx_t, const double*, const double*, const idx_t*, double*, idx_t, idx_t,
+                                    idx_t, int)
     ctypedef void (*cc_igemm_f32_t)(idx_t, idx_t, const float* const*, idx_t, const float*, float*, idx_t,
                                     idx_t, idx_t, int)
     ctypedef void (*cc_igemm_f64_t)(idx_t, idx_t, const double* const*, idx_t, const double*, double*, idx_t,
@@ -33,6 +37,10 @@ cdef extern from "_gemm.h" nogil:
         cc_gemm_f64_t gemmn_f64
         cc_gemm_f32_t gemmh_f32
         cc_gemm_f64_t gemmh_f64
+        cc_pgemm_f32_t pgemm_f32
+        cc_pgemm_f64_t pgemm_f64
+        cc_pgemm_f32_t pgemmn_f32
+        cc_pgemm_f64_t pgemmn_f64
     const cc_gemm_kernels* cc_gemm_pick(int isa)
     void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 
@@ -43,6 +51,12 @@ cdef enum:
     ALGO_DEPTHWISE = 2
     ALGO_PACKED = 3
 
+# Bits of Geom.narrow (the plan's `_narrow`), kept in sync with convcore._api: packed NCHW on the padded-input path;
+# packed NCHW with pixel tiles that run across the images of a batch (small images, batch > 1).
+cdef enum:
+    NCHW_PADDED = 2
+    NCHW_BATCHED = 4
+
 cdef struct Geom:
     idx_t N, C, D, H, W, Cout, G, Cig, Cog
     idx_t KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW
@@ -52,7 +66,9 @@ cdef struct Geom:
     bint has_bias, general
     int isa                      # kernel level (0 portable, 1 avx2, 2 avx512: _isa.h), chosen when the plan was made
     idx_t kc, MR, NR             # packed path: K block, micro-kernel tile (elements)
-    bint narrow                  # packed NCHW: the narrow (2-vector) kernel variant
+    int narrow                   # packed NCHW: bit 0 the narrow (2-vector) kernel variant, bit 1 the padded-input
+                                 # path (NCHW_PADDED: _item_packed_nchw_pad)
+    idx_t Wp, Hx, tq             # padded-input path: tile row width, rows per channel, panel-padded pixels per tile
     int apack                    # packed NHWC, few channels per group: 1 gather the pixels into A panels,
                                  # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
     bint fold                    # packed NHWC: pixel tiles run over the whole batch's N*P pixels (small images)
@@ -373,9 +389,18 @@ cdef void _item_nhwc(const Geom* g, const floating* x, const floating* w, const 
 cdef inline void _ukr(const Geom* g, idx_t K, const floating* a, const floating* b, idx_t ldb, floating* c,
                       idx_t ldc, idx_t mr, idx_t nr, int add) noexcept nogil:
     if floating is float:
-        (g.kern.gemmn_f32 if g.narrow else g.kern.gemm_f32)(K, a, b, ldb, c, ldc, mr, nr, add)
+        (g.kern.gemmn_f32 if g.narrow & 1 else g.kern.gemm_f32)(K, a, b, ldb, c, ldc, mr, nr, add)
     else:
-        (g.kern.gemmn_f64 if g.narrow else g.kern.gemm_f64)(K, a, b, ldb, c, ldc, mr, nr, add)
+        (g.kern.gemmn_f64 if g.narrow & 1 else g.kern.gemm_f64)(K, a, b, ldb, c, ldc, mr, nr, add)
+
+
+cdef inline void _pukr(const Geom* g, idx_t K, const floating* a, const floating* b, const idx_t* boff,
+                       floating* c, idx_t ldc, int add) noexcept nogil:
+    """The pgemm kind (B row k at b + boff[k]), always a full MR x NR tile (into the item's own C tile)."""
+    if floating is float:
+        (g.kern.pgemmn_f32 if g.narrow & 1 else g.kern.pgemm_f32)(K, a, b, boff, c, ldc, g.MR, g.NR, add)
+    else:
+        (g.kern.pgemmn_f64 if g.narrow & 1 else g.kern.pgemm_f64)(K, a, b, boff, c, ldc, g.MR, g.NR, add)
 
 
 cdef inline void _hukr(const Geom* g, idx_t K, const floating* a, const floating* b, floating* c, idx_t ldc,
@@ -439,6 +464,139 @@ cdef void _item_packed_nchw(const Geom* g, const floating* x, const floating* wp
                      MR if M - mp * MR > MR else M - mp * MR, nr, k0 > 0)
         k0 += kl
     _epilogue_rows(c, M, T, P, bias + co0 if g.has_bias else NULL, g.act)
+
+
+cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating* wp, const floating* bias,
+                                floating* out, floating* ws, const idx_t* boff, idx_t it) noexcept nogil:
+    """One work item, NCHW 2-D: whole output rows, computed on a zero-padded copy of the input.
+
+    The item copies the input rows its output rows read, for each of the group's channels, once into a zero-padded
+    tile with the padding already in place. With stride 1 that is Hx rows of Wp = OW + (KW-1)*DW columns per
+    channel, and output pixel (oh, ow) of tap (ci, kh, kw) is element ci*Hx*Wp + (oh-oh0+kh*DH)*Wp + ow + kw*DW. With
+    strides (SH, SW) the copy is split into SH x SW phase planes (padded row py + SH*j, column px + SW*c of the
+    input in plane (py, px), row j, column c), Wp = OW + (KW-1)*DW // SW, and the tap reads plane
+    ((kh*DH) % SH, (kw*DW) % SW) at row oh - oh0 + (kh*DH) // SH, column ow + (kw*DW) // SW: a stride-1 access again.
+    Either way a tap is a fixed offset (boff, one per K row, the same for every item) and the B panel of NR grid
+    pixels is read in place by the pgemm kernel, so nothing is gathered per tap (the per-tap gather was 24% of the
+    time of _item_packed_nchw on 3x3; the input is copied once, not KH*KW times).
+    The grid has Wp - OW pixels per row that are not outputs; their columns are computed (the same arithmetic on
+    zeros and neighbours) into the item's C tile ct ([channel panels * MR][tq]) and not copied out. Every output
+    value sees the same K blocks in the same order as on any other tiling, so results do not depend on it.
+    """
+    cdef idx_t n, grp, p0, T, m0, M, co0
+    _split_item(g, it, &n, &grp, &p0, &T, &m0, &M)
+    if M <= 0:
+        return
+    co0 = grp * g.Cog + m0
+    cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, P = g.P, Wp = g.Wp, Hx = g.Hx, OW = g.OW, W = g.W
+    cdef idx_t rows = T // OW, oh0 = p0 // OW
+    cdef idx_t npan = _ceil_div(rows * Wp, NR), tq = npan * NR, mpan = _ceil_div(M, MR)
+    cdef idx_t SH = g.SH, SW = g.SW, plane = Hx * Wp, mpg = _ceil_div(g.Cog, MR)
+    cdef const floating* xg = x + (n * g.C + grp * g.Cig) * (g.H * W)
+    cdef floating* c = out + (n * g.Cout + co0) * P + p0
+    cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
+    cdef floating* ct = ws + g.Cig * SH * SW * plane
+    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, j
+    cdef floating* d
+    cdef const floating* src
+    for px in range(SW):
+        # Columns c of phase px read input column px + SW*c - PW: the valid ones are [lo, hi).
+        _valid_range(px - g.PW, SW, W, Wp, &lo, &hi)
+        for ci in range(g.Cig):
+            for py in range(SH):
+                for r in range(Hx):
+                    d = ws + ((ci * SH + py) * SW + px) * plane + r * Wp
+                    ih = py + SH * (oh0 + r) - g.PH
+                    if <size_t> ih >= <size_t> g.H or hi <= lo:
+                        memset(d, 0, Wp * sizeof(floating))
+                        continue
+                    if lo > 0:
+                        memset(d, 0, lo * sizeof(floating))
+                    src = xg + ci * g.H * W + ih * W + px - g.PW
+                    if SW == 1:
+                        memcpy(d + lo, src + lo, (hi - lo) * sizeof(floating))
+                    else:
+                        for j in range(lo, hi):
+                            d[j] = src[j * SW]
+                    if Wp > hi:
+                        memset(d + hi, 0, (Wp - hi) * sizeof(floating))
+    k0 = 0
+    while k0 < CK:
+        kl = g.kc if CK - k0 > g.kc else CK - k0
+        for jp in range(npan):
+            for mp in range(mpan):
+                _pukr(g, kl, wg + (mp * CK + k0) * MR, ws + jp * NR, boff + k0, ct + mp * MR * tq + jp * NR, tq,
+                      k0 > 0)
+        k0 += kl
+    for i in range(M):
+        for rr in range(rows):
+            memcpy(c + i * P + rr * OW, ct + i * tq + rr * Wp, OW * sizeof(floating))
+    _epilogue_rows(c, M, T, P, bias + co0 if g.has_bias else NULL, g.act)
+
+
+cdef void _item_packed_nchw_batched(const Geom* g, const floating* x, const floating* wp, const floating* bias,
+                                    floating* out, floating* ws, idx_t it, bint direct) noexcept nogil:
+    """One work item, NCHW, small images at batch > 1: a pixel tile that runs across the images of the batch.
+
+    A 7x7 output is 49 pixels, 2 panels of 32 (77% of the computed columns are outputs); the 392 pixels of 8 such
+    images are 13 panels (94%). Pixel q of the batch is pixel q % P of image q // P; the column rows are gathered
+    image segment by image segment (as in _item_packed_nchw), the kernel writes whole tiles into the item's C tile
+    ct ([channel panels * MR][Tp]), and each image's part is copied out and finished (bias, activation) there.
+    Every output sees the same K blocks in the same order as on the per-image paths: bit-identical results.
+    """
+    cdef idx_t mt = it % g.mtiles, rest = it // g.mtiles
+    cdef idx_t pt = rest % g.ptiles, grp = rest // g.ptiles
+    cdef idx_t NP = g.N * g.P, q0 = pt * g.tile
+    cdef idx_t T = NP - q0 if NP - q0 < g.tile else g.tile
+    cdef idx_t m0 = mt * g.mchunk
+    cdef idx_t M = g.Cog - m0 if g.Cog - m0 < g.mchunk else g.mchunk
+    if M <= 0 or T <= 0:
+        return
+    cdef idx_t co0 = grp * g.Cog + m0
+    cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, P = g.P, DHW = g.D * g.H * g.W
+    cdef idx_t npan = _ceil_div(T, NR), Tp = npan * NR, mpan = _ceil_div(M, MR)
+    cdef idx_t line = 64 // sizeof(floating)
+    cdef idx_t ldb = Tp + line if (Tp // line) % 2 == 0 else Tp
+    cdef idx_t mpg = _ceil_div(g.Cog, MR)
+    cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
+    cdef floating* ct = ws + g.kc * ldb
+    cdef idx_t k0, kl, r, jp, mp, q, n, p, seg, i
+    cdef const floating* xg
+    cdef floating* dst
+    cdef floating* c
+    k0 = 0
+    while k0 < CK:
+        kl = g.kc if CK - k0 > g.kc else CK - k0
+        for r in range(k0, k0 + kl):
+            dst = ws + (r - k0) * ldb
+            q = q0
+            while q < q0 + T:
+                n = q // P
+                p = q - n * P
+                seg = P - p if P - p < q0 + T - q else q0 + T - q
+                xg = x + (n * g.C + grp * g.Cig) * DHW
+                if direct:
+                    memcpy(dst + (q - q0), xg + r * P + p, seg * sizeof(floating))
+                else:
+                    _im2col_nchw_row(g, xg, dst + (q - q0), r, p, seg)
+                q += seg
+            if Tp > T:
+                memset(dst + T, 0, (Tp - T) * sizeof(floating))
+        for jp in range(npan):
+            for mp in range(mpan):
+                _ukr(g, kl, wg + (mp * CK + k0) * MR, ws + jp * NR, ldb, ct + mp * MR * Tp + jp * NR, Tp, MR, NR,
+                     k0 > 0)
+        k0 += kl
+    q = q0
+    while q < q0 + T:
+        n = q // P
+        p = q - n * P
+        seg = P - p if P - p < q0 + T - q else q0 + T - q
+        c = out + (n * g.Cout + co0) * P + p
+        for i in range(M):
+            memcpy(c + i * P, ct + i * Tp + (q - q0), seg * sizeof(floating))
+        _epilogue_rows(c, M, seg, P, bias + co0 if g.has_bias else NULL, g.act)
+        q += seg
 
 
 cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp, const floating* bias,
@@ -773,7 +931,8 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     """Run one planned convolution. Called only by convcore._api.ConvPlan, which has checked every size.
 
     geom = (N, C, D, H, W, Cout, G, KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW, OD, OH, OW, tile, mchunk, ws,
-    kc, MR, NR, narrow, apack, fold). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs
+    kc, MR, NR, narrow, apack, fold); narrow's bit 0 picks the narrow NCHW kernel, bit 1 (NCHW_PADDED) the padded-input
+    NCHW path, which needs `ptrs` with CK entries (the tap offsets, filled here). `isa` is the kernel level recorded in the plan. The packed NHWC path also needs
     `ptrs` (the per-thread pointer workspace, ws_ptrs = ceil(tile / MR) * MR * KK entries per thread) and `zeros` (Cig zeros).
     """
     cdef Geom g
@@ -800,14 +959,14 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     cdef floating* wsp = &work[0]
     cdef const floating** pwp = NULL
     cdef const floating* zp = NULL
-    cdef idx_t it, nitems, chunk, pws = 0
+    cdef idx_t it, nitems, chunk, pws = 0, kh, kw
     cdef int tid
     cdef bint direct = algo == ALGO_DIRECT
     if algo == ALGO_DEPTHWISE:
         if channels_last:
             nitems = g.N * g.OD * g.OH
-            # Runs of consecutive rows per grab, so that the row a thread's kernel prefetches for its next row
-            # is the one that thread reads next (a few runs per thread still balance the load).
+            # Runs of consecutive rows per grab: consecutive output rows share KH-1 input rows, which then stay in
+            # one core's L2 (a few runs per thread still balance the load).
             chunk = nitems // (4 * num_threads)
             chunk = 1 if chunk < 1 else (8 if chunk > 8 else chunk)
             for it in prange(nitems, nogil=True, schedule='dynamic', chunksize=chunk, num_threads=num_threads):
@@ -834,6 +993,32 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()
                 _item_packed_nhwc(&g, xp, wp, bp, op, pwp + tid * pws, zp, wsp + tid * g.ws, it)
+        elif g.narrow & NCHW_BATCHED and g.N > 1:
+            # Small images, batch > 1: pixel tiles across the batch (the plan's _tiling sized them over N * P).
+            g.ptiles = _ceil_div(g.N * g.P, g.tile)
+            if g.tile % g.NR != 0 or g.ws < g.kc * (g.tile + 64 // sizeof(floating)) + _ceil_div(g.mchunk, g.MR) \
+                    * g.MR * g.tile:
+                raise ValueError("batched NCHW run needs whole-panel tiles and its workspace")
+            nitems = g.G * g.ptiles * g.mtiles
+            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+                tid = threadid()
+                _item_packed_nchw_batched(&g, xp, wp, bp, op, wsp + tid * g.ws, it, direct)
+        elif g.narrow & NCHW_PADDED:
+            # 2-D: every tap a fixed offset into the item's zero-padded input rows (one table per call).
+            g.Wp = g.OW + (g.KW - 1) * g.DW // g.SW
+            g.tq = _ceil_div((g.tile // g.OW) * g.Wp, g.NR) * g.NR
+            g.Hx = _ceil_div(g.tq + (g.KH - 1) * g.DH // g.SH * g.Wp + (g.KW - 1) * g.DW // g.SW, g.Wp)
+            if g.D != 1 or g.KD != 1 or g.OD != 1 or g.tile % g.OW != 0 or ptrs is None or ptrs.shape[0] < g.CK \
+                    or g.ws < g.Cig * g.SH * g.SW * g.Hx * g.Wp + _ceil_div(g.mchunk, g.MR) * g.MR * g.tq:
+                raise ValueError("padded NCHW run needs a 2-D layer, whole-row tiles and its workspaces")
+            for it in range(g.CK):
+                kh = ((it // g.KW) % g.KH) * g.DH
+                kw = (it % g.KW) * g.DW
+                ptrs[it] = ((((it // g.KK) * g.SH + kh % g.SH) * g.SW + kw % g.SW) * g.Hx + kh // g.SH) * g.Wp \
+                    + kw // g.SW
+            for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
+                tid = threadid()
+                _item_packed_nchw_pad(&g, xp, wp, bp, op, wsp + tid * g.ws, &ptrs[0], it)
         else:
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()

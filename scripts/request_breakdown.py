@@ -13,8 +13,9 @@ ModelInfer with typed contents (fp32_contents; small only, as a client would not
 
 Reported per (workload, API), medians over the calls in ms: the client's round trip, the server's CPU per request
 (process CPU time / calls), gRPC's deserialize and serialize (our (de)serializer functions, timed where gRPC calls
-them), the handler (all interceptors + servicer), and inside it the steps of the code layout. ``echo`` is the same
-request bytes sent to a generic bytes-in/bytes-out handler of a second gRPC server in this process: the transport.
+them), the handler (the per-method wrapper of server/_handlers.py, or the interceptors before it, + servicer), and
+inside it the steps of the code layout. ``echo`` is the same request bytes sent to a generic bytes-in/bytes-out
+handler of a second gRPC server in this process: the transport.
 """
 import argparse
 import json
@@ -109,7 +110,7 @@ def timing_interceptor():
             if handler is None or handler.unary_unary is None:
                 return handler
             return grpc.unary_unary_rpc_method_handler(
-                REC.wrap("handler (interceptors + servicer)", handler.unary_unary),
+                REC.wrap("handler (wrapper + servicer)", handler.unary_unary),
                 request_deserializer=REC.wrap("grpc deserialize", handler.request_deserializer),
                 response_serializer=REC.wrap("grpc serialize", handler.response_serializer))
     return Timing()

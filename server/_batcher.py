@@ -206,10 +206,11 @@ class _Entry:
 
 
 class _Batch:
-    __slots__ = ("members", "alive", "token")
+    __slots__ = ("members", "inputs", "alive", "token")
 
     def __init__(self, members):
         self.members = members
+        self.inputs = [e.x for e in members]  # taken now: a member that leaves drops its own reference
         self.alive = len(members)
         self.token = _Token()
 
@@ -331,9 +332,13 @@ class DynamicBatcher:
         batch = self._wait(entry, queue)
         if batch is not None:
             self._dispatch(batch, queue)
-        if entry.error is not None:
-            raise entry.error
-        return entry.result
+        error, result = entry.error, entry.result
+        # Entry and batch refer to each other: drop what they hold now rather than at the next garbage collection
+        # (the input may view a shared-memory mapping that is to be unmapped when this request is done).
+        entry.x = entry.output = entry.result = entry.batch = None
+        if error is not None:
+            raise error
+        return result
 
     def _news_for_leader(self, queue, entry):
         """Whether `entry`'s arrival can make the head's batch go before the head's own timer says."""
@@ -475,12 +480,12 @@ class DynamicBatcher:
         slot_held = True
         try:
             if len(members) == 1:
-                x = members[0].x
+                x = batch.inputs[0]
             else:
-                first = members[0].x
+                first = batch.inputs[0]
                 x = self._allocate((rows, *first.shape[1:]), first.dtype)
                 pooled.append(x)
-                np.concatenate([e.x for e in members], out=x)
+                np.concatenate(batch.inputs, out=x)
             t1 = time.perf_counter()
             input_s = t1 - t0
             y = self._compute(x, batch.token)
@@ -513,14 +518,14 @@ class DynamicBatcher:
             results.clear()
             errors.clear()
             t1 = time.perf_counter()
-            for e in members:
+            for e, one_x in zip(members, batch.inputs):
                 if len(members) == 1:
                     errors[e] = exc
                     break
                 if e.state != _RUNNING:
                     continue  # left meanwhile
                 try:
-                    results[e] = self._deliver(e, self._compute(e.x, batch.token))
+                    results[e] = self._deliver(e, self._compute(one_x, batch.token))
                 except Exception as one:  # noqa: BLE001 - this member's own error, raised in its thread
                     errors[e] = one
             infer_s += time.perf_counter() - t1
@@ -540,6 +545,7 @@ class DynamicBatcher:
                                         infer_seconds=infer_s, output_seconds=output_s, batch_rows=rows,
                                         batch_requests=len(members))
                     _wake(e)
+            batch.inputs = None  # views of the callers' inputs: not kept past the batch
             if pooled and self._release is not None:
                 self._release(pooled)
         if self._on_batch is not None:

@@ -1,8 +1,8 @@
 """Domain exceptions and the one place that turns exceptions into gRPC status codes.
 
 Servicers never pick a status code themselves: they raise, and every handler's wrapper (`server._handlers`, the
-innermost layer of each call) maps what they raised with `status_for`. Anything unexpected becomes INTERNAL with a fixed message and a reference that
-points at the traceback in the server log, so internals never leak to clients.
+innermost layer of each call) maps what they raised with `status_for`. Anything unexpected becomes INTERNAL with a
+fixed message and a reference that points at the traceback in the server log, so internals never leak to clients.
 """
 import logging
 import uuid

@@ -27,7 +27,7 @@ log = logging.getLogger("server")
 
 _INVALID, _UNAUTHENTICATED, _DENIED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
                                        grpc.StatusCode.PERMISSION_DENIED)
-_CANCELLED, _DEADLINE = grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED
+_DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class _Undecodable:

@@ -9,6 +9,7 @@ Shared memory (Triton's parameters): an input carrying ``shared_memory_region`` 
 ``shared_memory_offset`` is read from that registered region instead of ``raw_input_contents``; a requested output
 carrying them is written into that region (and nothing is sent for it in the response but its shape).
 """
+import contextlib
 import os
 import time
 
@@ -69,12 +70,12 @@ def _shm_params(field, parameters):
             get("shared_memory_offset", "int", False))
 
 
-def _input(call, model, max_batch, shared_memory=None):
-    """The request's single input as an array: a view of raw_input_contents[0], one copy of typed contents, or one
-    copy out of a shared-memory region.
+def _input(call, model, max_batch, shared_memory=None, held=None):
+    """The request's single input as an array: a view of raw_input_contents[0], one copy of typed contents, or a
+    view of a shared-memory region (held open in the ExitStack `held` for the rest of the call).
 
     Raises InvalidArgument naming the field for anything the model cannot take. Returns (array, seconds spent
-    reading shared memory).
+    getting it out of shared memory, the region's access or None).
     """
     request = call.message
     datatype = wire.kserve_datatype(model.dtype)
@@ -104,16 +105,17 @@ def _input(call, model, max_batch, shared_memory=None):
             raise InvalidArgument(f"inputs[0].shape must hold positive sizes, got {list(shape)}")
         started = time.perf_counter()
         region, byte_size, offset = shm
-        x = shared_memory.read(region, offset, byte_size, dtype, shape)
-        return x, time.perf_counter() - started
+        access = held.enter_context(shared_memory.use(region))
+        x = access.input(offset, byte_size, dtype, shape)  # in place in the mapping (a copy only as a fallback)
+        return x, time.perf_counter() - started, access
     if call.raw:
         if len(call.raw) != len(request.inputs):
             raise InvalidArgument(f"raw_input_contents must hold one entry per input ({len(request.inputs)}), "
                                   f"got {len(call.raw)}")
-        return wire.tensor_array("raw_input_contents[0]", dtype, shape, call.raw[0]), 0.0
+        return wire.tensor_array("raw_input_contents[0]", dtype, shape, call.raw[0]), 0.0, None
     field = _CONTENTS[datatype]
     values = np.array(getattr(tensor.contents, field), dtype=dtype)  # the one copy typed contents need
-    return wire.tensor_array(f"inputs[0].contents.{field}", dtype, shape, values.data), 0.0
+    return wire.tensor_array(f"inputs[0].contents.{field}", dtype, shape, values.data), 0.0, None
 
 
 class KServeServicer:
@@ -196,23 +198,32 @@ class KServeServicer:
     def ModelInfer(self, call, context):
         request = call.message
         model = self._model(request.model_name, request.model_version)
-        x, read_seconds = _input(call, model, _max_batch(model, self._max_batch), self._shm)
-        shm_out = None
-        for i, out in enumerate(request.outputs):
-            if out.name != OUTPUT:
-                raise InvalidArgument(f"outputs[{i}].name must be {OUTPUT!r} (model {model.name!r} has one output), "
-                                      f"got {out.name!r}")
-            shm_out = _shm_params(f"outputs[{i}]", out.parameters)
-        if shm_out is not None:
-            return self._infer_into_shared_memory(context, model, x, request, shm_out, read_seconds)
-        # One output whether or not the request named it: with no outputs named, all are returned.
-        output = OutputSink(lambda shape, dtype: wire.model_infer_response(model.name, VERSION, request.id, OUTPUT,
-                                                                           shape, dtype))
-        self._service.infer(context, model, x, output, field=f"inputs[0] ({INPUT!r})", input_seconds=read_seconds)
-        return output.finish()
+        # Shared-memory regions the call uses stay open (and mapped) until it returns.
+        with contextlib.ExitStack() as held:
+            x, read_seconds, in_access = _input(call, model, _max_batch(model, self._max_batch), self._shm, held)
+            try:
+                shm_out = None
+                for i, out in enumerate(request.outputs):
+                    if out.name != OUTPUT:
+                        raise InvalidArgument(f"outputs[{i}].name must be {OUTPUT!r} (model {model.name!r} has one "
+                                              f"output), got {out.name!r}")
+                    shm_out = _shm_params(f"outputs[{i}]", out.parameters)
+                if shm_out is not None:
+                    return self._infer_into_shared_memory(context, model, x, request, shm_out, read_seconds, held,
+                                                          in_access)
+                # One output whether or not the request named it: with no outputs named, all are returned.
+                output = OutputSink(lambda shape, dtype: wire.model_infer_response(model.name, VERSION, request.id,
+                                                                                   OUTPUT, shape, dtype))
+                self._service.infer(context, model, x, output, field=f"inputs[0] ({INPUT!r})",
+                                    input_seconds=read_seconds,
+                                    after=None if in_access is None else lambda y: in_access.verify("input"))
+                return output.finish()
+            finally:
+                del x  # a view of a mapping must be gone before the region may be unmapped
 
-    def _infer_into_shared_memory(self, context, model, x, request, shm_out, read_seconds):
-        """Compute into a pooled buffer, then write it into the caller's region (size and bounds checked there)."""
+    def _infer_into_shared_memory(self, context, model, x, request, shm_out, read_seconds, held, in_access):
+        """Compute straight into the caller's region (size and bounds checked there), or into a pooled buffer then
+        written there when the region cannot be viewed in place."""
         if self._shm is None:
             raise InvalidArgument(f"outputs[0] names a shared-memory region, but {_SHM_OFF}")
         region, byte_size, offset = shm_out
@@ -221,20 +232,34 @@ class KServeServicer:
         nbytes = int(np.prod(shape)) * model.dtype.itemsize
         if nbytes > byte_size:  # refused before computing, not after
             raise SharedMemoryError(f"output shared_memory_byte_size is {byte_size}, the tensor needs {nbytes} bytes")
-        taken = []
-        # Held across the call: a region unregistered meanwhile stays open until the write (which then fails).
-        with self._shm.use(region) as access:
-            def output(shape, dtype):
-                taken.append(self._service.executor.buffers.take(shape, dtype))
-                return taken[-1]
+        # Held across the call: a region unregistered meanwhile stays open until the call ends (which then fails).
+        access = held.enter_context(self._shm.use(region))
+        taken, in_place = [], []
 
-            try:
-                out = self._service.infer(context, model, x, output, field=f"inputs[0] ({INPUT!r})",
-                                          after=lambda y: access.write(offset, byte_size, y),
-                                          input_seconds=read_seconds)
-                shape = out.shape
-            finally:
-                self._service.executor.buffers.give(taken)
+        def output(shape, dtype):
+            view = access.output(offset, byte_size, shape, dtype)
+            if view is None:
+                view = self._service.executor.buffers.take(shape, dtype)
+                taken.append(view)
+            else:
+                in_place.append(view)
+            return view
+
+        def after(y):
+            if not in_place:
+                access.write(offset, byte_size, y)
+            if in_access is not None:
+                in_access.verify("input")
+            access.verify("output")
+
+        try:
+            out = self._service.infer(context, model, x, output, field=f"inputs[0] ({INPUT!r})", after=after,
+                                      input_seconds=read_seconds)
+            shape = out.shape
+            del out
+        finally:
+            in_place.clear()
+            self._service.executor.buffers.give(taken)
         response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
         response.outputs.add(name=OUTPUT, datatype=wire.kserve_datatype(model.dtype), shape=shape)
         # Triton keeps one raw_output_contents entry per output, empty for one in shared memory; its C++ client

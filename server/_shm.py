@@ -8,16 +8,22 @@ Safety, because a client controls both the name and the object:
   file on the ``/dev/shm`` filesystem itself (``st_dev``), and is never created by the server.
 - Every access is checked against the region (``offset + size <= byte_size``) and against the object's real size
   (``fstat`` before each read or write), and refuses an object that was unlinked (``st_nlink == 0``).
-- Data moves with ``preadv``/``pwritev`` on the region's file descriptor, never through a memory mapping. A mapped
-  file that another process truncates raises SIGBUS on the next access, which kills the server (no Python handler
-  can resume the faulting copy); a read or write system call on a truncated file returns short or extends it
-  instead, which becomes a clear error. It costs the same one copy a ``memcpy`` out of a mapping would.
-- The descriptor stays open while any request uses the region: unregistering a region in use only marks it, and the
-  last user closes it (no descriptor number is reused under a running copy). A request that finds its region
-  unregistered, shrunk or unlinked between two accesses gets an error naming it.
+- No copies: each region is mapped once, at registration, and a request computes on its input where it lies in the
+  mapping and writes its output straight into the mapping (`_Access.input`, `_Access.output`). A mapped file that
+  another process truncates raises SIGBUS on the next access past its new end, which would kill the server (no
+  Python handler can resume a faulting copy, least of all inside convcore's OpenMP loops). So every mapping is
+  registered with ``server._shmguard``, whose SIGBUS handler maps zero pages over a mapping that faults and flags
+  it; the request checks the flag after its access (`_Access.verify`) and fails with a clear error. Without the
+  built guard (or for a tensor not aligned to its item size) data moves with ``preadv``/``pwritev`` on the region's
+  file descriptor instead, one copy each way, which a truncation turns into a short read, never a fault.
+- The mapping and the descriptor stay while any request uses the region: unregistering a region in use only marks
+  it, and the last user unmaps and closes it. A request that finds its region unregistered, shrunk or unlinked
+  during its accesses gets an error naming it. A region that faulted stays unusable until registered again.
 - `close` (server stop) closes every region, including those a crashed client left registered.
 """
+import logging
 import math
+import mmap
 import os
 import re
 import stat
@@ -26,6 +32,23 @@ import threading
 import numpy as np
 
 from ._errors import InvalidArgument, LimitExceeded, ModelExists, ModelNotFound
+
+try:
+    from . import _shmguard
+except ImportError:  # not built (a source checkout without build_ext): copies through preadv/pwritev
+    _shmguard = None
+
+log = logging.getLogger("server")
+
+#: Regions whose mapping could not be unmapped yet because an array still viewed it (kept guarded; `_reap` retries).
+_LINGERING = []
+_LINGERING_LOCK = threading.Lock()
+
+
+def _reap():
+    """Unmap the lingering mappings no array views any more."""
+    with _LINGERING_LOCK:
+        _LINGERING[:] = [r for r in _LINGERING if not r.unmap()]
 
 __all__ = ["SharedMemoryRegistry", "SharedMemoryError", "RegionExists", "RegionNotFound", "SHM_DIR", "MAX_REGIONS"]
 
@@ -72,13 +95,69 @@ def _check_uint(field, value):
 
 
 class _Region:
-    __slots__ = ("name", "key", "offset", "byte_size", "fd", "users", "closed", "lock")
+    __slots__ = ("name", "key", "offset", "byte_size", "fd", "users", "closed", "lock", "mapping", "bytes", "slot")
 
     def __init__(self, name, key, offset, byte_size, fd):
         self.name, self.key, self.offset, self.byte_size, self.fd = name, key, offset, byte_size, fd
         self.users = 0
         self.closed = False
         self.lock = threading.Lock()
+        self.mapping = self.bytes = self.slot = None
+        if _shmguard is not None:
+            self._map()
+
+    def _map(self):
+        """Map the region once (from the page holding its first byte) under the SIGBUS guard."""
+        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+        length = self.offset + self.byte_size - start
+        try:
+            self.mapping = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                     offset=start)
+        except ValueError:  # Python's own size check: the object shrank since register() looked at it
+            raise SharedMemoryError(f"shared-memory region {self.name!r}: the object {self.key!r} shrank below "
+                                    f"offset {self.offset} + byte_size {self.byte_size} while it was being "
+                                    f"registered") from None
+        except OSError as exc:  # e.g. no address space left: this region copies instead
+            log.warning("cannot map shared-memory region %r (%s); it is read and written with copies", self.name,
+                        exc.strerror)
+            return
+        whole = np.frombuffer(self.mapping, np.uint8)
+        try:
+            self.slot = _shmguard.protect(whole.ctypes.data, length)
+        except RuntimeError:  # every guard slot taken (mappings still viewed): never map without the guard
+            del whole
+            self.mapping.close()
+            self.mapping = None
+            log.warning("no SIGBUS guard slot left for shared-memory region %r; it is read and written with copies",
+                        self.name)
+            return
+        self.bytes = whole[self.offset - start:]  # the region's bytes, [0, byte_size)
+
+    def faulted(self):
+        return self.slot is not None and _shmguard.faulted(self.slot)
+
+    def unmap(self):
+        """Unmap if no array views the mapping any more (True when done); it stays guarded until then."""
+        if self.mapping is None:
+            return True
+        self.bytes = None
+        try:
+            self.mapping.close()
+        except BufferError:
+            return False
+        # After the unmap: a fault in between can only be this mapping's, and the guard still answers it.
+        _shmguard.unprotect(self.slot)
+        self.mapping = self.slot = None
+        return True
+
+    def close(self):
+        """Unmap and close (the last user, or unregister with no user); lock held."""
+        if not self.unmap():
+            with _LINGERING_LOCK:
+                _LINGERING.append(self)  # a request's array outlives its request: unmapped later, by `_reap`
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class SharedMemoryRegistry:
@@ -118,6 +197,7 @@ class SharedMemoryRegistry:
         if byte_size == 0:
             raise SharedMemoryError(f"byte_size of shared-memory region {name!r} must be > 0, got 0")
         path = os.path.join(self._dir, os.path.basename(shm_path(key)))
+        _reap()
         with self._lock:  # checked before opening, again after, so a refused name never costs an open
             self._check_free(name)
         try:
@@ -178,6 +258,7 @@ class SharedMemoryRegistry:
                 self._regions.clear()
         for region in regions:
             self._retire(region)
+        _reap()
 
     def close(self):
         """Unregister everything (server stop); regions in use close when their requests finish."""
@@ -191,9 +272,8 @@ class SharedMemoryRegistry:
     def _retire(region):
         with region.lock:
             region.closed = True
-            if region.users == 0 and region.fd >= 0:
-                os.close(region.fd)
-                region.fd = -1
+            if region.users == 0:
+                region.close()
 
     # ------------------------------------------------------------------ using
     def use(self, name):
@@ -242,9 +322,8 @@ class _Access:
             return
         with region.lock:
             region.users -= 1
-            if region.closed and region.users == 0 and region.fd >= 0:
-                os.close(region.fd)
-                region.fd = -1
+            if region.closed and region.users == 0:
+                region.close()
 
     @property
     def byte_size(self):
@@ -265,6 +344,7 @@ class _Access:
                                     f"the end of region {r.name!r} ({r.byte_size} bytes)")
         if r.closed:
             raise SharedMemoryError(f"shared-memory region {r.name!r} was unregistered while this request used it")
+        self._check_fault()
         st = os.fstat(r.fd)
         if st.st_nlink == 0:
             raise SharedMemoryError(f"the shared-memory object {r.key!r} of region {r.name!r} was unlinked; "
@@ -274,6 +354,46 @@ class _Access:
             raise SharedMemoryError(f"the shared-memory object {r.key!r} of region {r.name!r} shrank to "
                                     f"{st.st_size} bytes; this {what} needs bytes up to {end}")
         return r.offset + offset
+
+    def _check_fault(self):
+        if self._region.faulted():
+            raise SharedMemoryError(f"the shared-memory object {self._region.key!r} of region {self._region.name!r} "
+                                    f"shrank while a request used it; unregister the region and register it again")
+
+    def _view(self, what, offset, byte_size, dtype, shape):
+        """The region's bytes of a tensor as an array (no copy), or None when there is no guarded mapping or the
+        tensor is not aligned to its item size (then `read`/`write` copy)."""
+        dtype = np.dtype(dtype)
+        if any(d < 0 for d in shape):
+            raise SharedMemoryError(f"{what} shape {list(shape)} has a negative dimension")
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = self._check(what, offset, nbytes, byte_size) - self._region.offset
+        if self._region.bytes is None:
+            return None
+        view = self._region.bytes[start:start + nbytes].view(dtype).reshape(shape)
+        return view if view.flags.aligned else None
+
+    def input(self, offset, byte_size, dtype, shape):
+        """The input tensor at `offset` where it lies in the mapping (read-only), or a copy (see `_view`). Call
+        `verify` once it has been read."""
+        view = self._view("input", offset, byte_size, dtype, shape)
+        if view is None:
+            return self.read(offset, byte_size, dtype, shape)
+        view.flags.writeable = False
+        return view
+
+    def output(self, offset, byte_size, shape, dtype):
+        """A writable array in the mapping for an output tensor at `offset`, or None (then compute elsewhere and
+        `write` it). Call `verify` once it has been written."""
+        return self._view("output", offset, byte_size, dtype, shape)
+
+    def verify(self, what):
+        """After reading or writing through the mapping: raise if the object shrank (SIGBUS guard), was unlinked, or
+        the region was unregistered meanwhile."""
+        self._check_fault()
+        if self._region.closed or os.fstat(self._region.fd).st_nlink == 0:
+            raise SharedMemoryError(f"shared-memory region {self._region.name!r} was unregistered or unlinked "
+                                    f"while its {what} was used")
 
     def read(self, offset, byte_size, dtype, shape, out=None):
         """Copy ``prod(shape)`` items of `dtype` at `offset` in the region into `out` (or a new array).

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks._harness import markdown_tables
@@ -68,3 +69,21 @@ def test_importing_convcore_does_not_import_benchmarks():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_float64_option_needs_its_own_output_and_builds_float64_rows(capsys):
+    from benchmarks import engine
+
+    with pytest.raises(SystemExit):
+        engine.parse_args(["--dtype", "float64"])
+    assert "--dtype float64 needs --output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        engine.parse_args(["--dtype", "float16", "--output", "x.md"])
+    args = engine.parse_args(["--dtype", "float64", "--output", "x.md"])
+    assert args.dtype == "float64" and args.mem == "none"
+    assert engine.parse_args([]).dtype == "float32"
+    layer = engine.SUITE[3]
+    d = engine.RowData(layer, 1, dtype=np.float64)
+    assert {a.dtype for a in (d.x_cf, d.x_cl, d.w_oi, d.w_io, d.out_cf, d.out_cl)} == {np.dtype(np.float64)}
+    assert engine.gemm_contender(d).fn().dtype == np.float64
+    assert engine.ort_contenders(d, 1) == []

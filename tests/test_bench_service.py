@@ -74,13 +74,15 @@ def test_quick_service_benchmark_writes_parsable_tables(tmp_path):
     for model in ("bench-small", "bench-medium"):
         assert {(model, c) for c in (1, 4, 16)} <= concurrencies
     pa_ran = "perf_analyzer: **skipped**" not in section
+    # A failed tool run is reported below the table with its output: show it with any failing assertion.
+    failures = [line for line in section.splitlines() if " failed: " in line]
     for row in tp_rows:
         cells = dict(zip(tp_head, row))
         for name in ("LT req/s", "LT p50 ms", "LT p99 ms"):
-            assert _positive(cells[name]), (name, row)
+            assert _positive(cells[name]), (name, row, failures, proc.stderr[-2000:])
         if pa_ran and int(cells["C"]) in (1, 4) and cells["PA req/s"] != "—":
-            assert _positive(cells["PA req/s"]) and _positive(cells["PA p50 ms"]), row
-            assert _positive(cells["LT / PA"]), row
+            assert _positive(cells["PA req/s"]) and _positive(cells["PA p50 ms"]), (row, failures)
+            assert _positive(cells["LT / PA"]), (row, failures)
     if pa_ran:
         assert any(dict(zip(tp_head, r))["PA req/s"] != "—" for r in tp_rows)
     else:

@@ -175,6 +175,9 @@ def test_valid_options_still_pass_and_compute_the_right_values(client, options):
 def test_the_client_mirrors_convcore_option_tables():
     """The SDK cannot import the engine, so it keeps its own copy of the names and limits it checks: the same."""
     assert set(_ops.ACTIVATIONS) == {a for a in convcore.ACTIVATIONS if a is not None}
+    from client.loadtest import _args as loadtest_args
+
+    assert loadtest_args.ACTIVATIONS is _ops.ACTIVATIONS  # one table: the load test's --layer grammar uses the SDK's
     assert _ops.MAX_DIM == convcore._spec.MAX_DIM
     assert {k: v for k, v in _ops._FORMATS.items()} == {k: v[0] for k, v in convcore._spec._FORMATS.items()}
     assert {k: v for k, v in _ops._LAYOUTS.items()} == {k: v[0] for k, v in convcore._spec._LAYOUTS.items()}

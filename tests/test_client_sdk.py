@@ -4,8 +4,10 @@ import asyncio
 import inspect
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -190,3 +192,70 @@ def test_conv_error_carries_code_and_details():
     err = ConvError(grpc.StatusCode.NOT_FOUND, "model 'x' is not registered")
     assert err.code == grpc.StatusCode.NOT_FOUND and err.details == "model 'x' is not registered"
     assert str(err) == "NOT_FOUND: model 'x' is not registered"
+
+
+@pytest.mark.parametrize("api", ["Infer", "ModelInfer"])
+def test_a_large_call_whose_connection_breaks_is_retried_on_a_new_one(tmp_path, api):
+    """A 1 MiB request (over gRPC's default 256 KiB retry buffer) whose connection is cut while the server computes,
+    before any answer (UNAVAILABLE, as for a replica that is killed or a connection a proxy drops): the SDK's retry
+    policy sends it again on a new connection, and the answer is right. With retries=1 the call fails."""
+    from _calibrate import SLOW_INPUT, slow_model
+    from _server import ServerProcess
+    from client._channel import ChannelSettings
+    from convproto.inference import grpc_service_pb2 as kpb, grpc_service_pb2_grpc as kgrpc
+    from test_kubernetes import _Forwarder
+    from test_limits import in_flight
+
+    class Forwarder(_Forwarder):
+        def cut(self):
+            """Break every connection relayed so far, both ways (as a dropped proxy or a killed node does)."""
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    slow = slow_model()
+    x = np.ascontiguousarray(SLOW_INPUT[:, :, : SLOW_INPUT.shape[2] // 4])  # 1 MiB; ~a quarter of slow.seconds
+    x = x * np.arange(1, x.shape[1] + 1, dtype=np.float32)[None, :, None, None]  # the model is the identity
+    proc = ServerProcess(tmp_path / "models", *slow.server_args()).start()
+    forwarder = Forwarder(proc.port)
+    try:
+        with ConvClient(proc.target, timeout=60) as c:
+            c.register_model("slow", slow.layers())
+        results = {}
+        for retries in (4, 1):
+            settings = ChannelSettings(f"127.0.0.1:{forwarder.port}", 60 + 20 * slow.seconds, DEFAULT_MAX_MESSAGE_MB,
+                                       None, None, None, None, retries)
+            with settings.channel() as channel:
+                if api == "Infer":
+                    call = conv_pb2_grpc.ConvServiceStub(channel).Infer.future(conv_pb2.InferRequest(
+                        name="slow", input=conv_pb2.Tensor(dtype=conv_pb2.DTYPE_FLOAT32, shape=x.shape,
+                                                           data=x.tobytes())), timeout=settings.timeout)
+                else:
+                    tensor = kpb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=x.shape)
+                    call = kgrpc.GRPCInferenceServiceStub(channel).ModelInfer.future(kpb.ModelInferRequest(
+                        model_name="slow", inputs=[tensor], raw_input_contents=[x.tobytes()]),
+                        timeout=settings.timeout)
+                deadline = time.monotonic() + 30
+                while in_flight(proc) < 1 and time.monotonic() < deadline:  # the server is computing it
+                    time.sleep(0.01)
+                connections = forwarder.connections
+                assert not call.done(), f"the call ended before its connection was cut ({slow})"
+                forwarder.cut()
+                try:
+                    reply = call.result()
+                    results[retries] = ("OK", forwarder.connections - connections)
+                except grpc.RpcError as err:
+                    results[retries] = (err.code().name, forwarder.connections - connections)
+                    continue
+            if api == "Infer":
+                y = np.frombuffer(reply.output.data, np.float32).reshape(tuple(reply.output.shape))
+            else:
+                y = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(tuple(reply.outputs[0].shape))
+            np.testing.assert_array_equal(y, x)
+        assert results[4] == ("OK", 1), results  # answered, on one new connection
+        assert results[1][0] == "UNAVAILABLE", results
+    finally:
+        forwarder.close()
+        assert proc.stop() == 0, proc.log()

@@ -75,6 +75,36 @@ def test_a_wide_job_starts_narrower_when_a_cpu_is_taken():
     assert ex.run(Context(), lambda token, granted: granted, threads=2) == 2  # both free again: the whole team
 
 
+@needs_openmp
+def test_units_freed_while_several_jobs_wait_are_shared_out():
+    """A two-thread job holds both CPUs while two more wait: when it ends they run side by side on one thread each
+    (not one on two threads and the other still queued); a job that waits alone gets the whole team."""
+    ex = ComputeExecutor(2, 1)
+    release = threading.Event()
+    holder, held = _start(ex, lambda token, granted: (release.wait(WAIT), granted)[1], threads=2)
+    _wait_for(lambda: ex._free == 0)
+    both = threading.Barrier(3)
+    waiting = [_start(ex, lambda token, granted: (both.wait(WAIT), granted)[1], threads=2) for _ in range(2)]
+    _wait_for(lambda: len(ex._waiters) == 2)
+    release.set()
+    both.wait(WAIT)  # both waiters are running at once: only possible on one unit each
+    for t, _ in [(holder, held)] + waiting:
+        t.join(WAIT)
+    assert held["result"] == 2
+    assert [out["result"] for _, out in waiting] == [1, 1]
+    assert ex._free == ex.units
+    # Alone in the queue: the whole team.
+    release.clear()
+    holder, _ = _start(ex, lambda token, granted: release.wait(WAIT), threads=2)
+    _wait_for(lambda: ex._free == 0)
+    alone = _start(ex, lambda token, granted: granted, threads=2)
+    _wait_for(lambda: len(ex._waiters) == 1)
+    release.set()
+    for t in (holder, alone[0]):
+        t.join(WAIT)
+    assert alone[1]["result"] == 2
+
+
 def test_a_waiting_job_leaves_the_queue_when_its_call_ends_and_the_next_one_runs():
     ex = ComputeExecutor(1, 1)
     release, ran = threading.Event(), []

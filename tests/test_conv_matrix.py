@@ -441,6 +441,7 @@ def test_larger_layer_multi_tile(data_format, dtype, algorithm):
     kw = dict(padding="same", data_format=data_format, activation="relu")
     plan = convcore.make_plan(x.shape, w, b, algorithm=algorithm, tile_size=50, num_threads=2, **kw)
     tiling = plan.tiling()
-    assert tiling["pixel_tiles"] == 9 and tiling["tile"] < 437, tiling   # 437 pixels in tiles of <= 50
+    # 437 pixels in tiles of <= 50 (the padded-input NCHW path rounds tiles down to whole output rows: 2 x 19)
+    assert tiling["tile"] <= 50 and tiling["pixel_tiles"] == -(-437 // tiling["tile"]) >= 9, tiling
     assert tiling["items"] >= 3 * 9, tiling
     check_conv(lambda x_, *_, **__: plan.run(x_), x, w, b, **kw)

@@ -7,17 +7,21 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 
 import grpc
 import numpy as np
 import pytest
 
+from _calibrate import require_longer, slow_model
 from _reference import reference_conv
 from _server import ROOT, ServerProcess, server  # noqa: F401  (fixture)
 from client import AsyncConvClient, ConvClient, ConvError
 from client._shm import SharedMemoryRegion
 from convproto.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
+from server import _shm
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory in /dev/shm")
 
@@ -61,7 +65,16 @@ def shm_infer_request(x, region_name, in_size=None, out_offset=None, out_size=No
     return request
 
 
-def test_sdk_shared_memory_matches_grpc_and_the_reference(client, stub):
+def mapped_by(server, region):
+    """Whether the server process still maps (or holds a descriptor of) the region's object."""
+    pid, name = server.proc.pid, region.key[1:]
+    with open(f"/proc/{pid}/maps") as f:
+        mapped = name in f.read()
+    held = any(name in os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return mapped or held
+
+
+def test_sdk_shared_memory_matches_grpc_and_the_reference(server, client, stub):
     x = RNG.standard_normal((2, 4, 16, 12)).astype(np.float32)
     expected = client.infer("shm", x)
     with client.shared_memory(1 << 16) as region:
@@ -72,9 +85,9 @@ def test_sdk_shared_memory_matches_grpc_and_the_reference(client, stub):
             np.testing.assert_array_equal(y, expected)
         np.testing.assert_allclose(y, reference_conv(x.astype(np.float64), KERNEL.astype(np.float64),
                                                      padding="same", activation="relu"), rtol=1e-4, atol=1e-4)
-    # Both sides cleaned up: unregistered on the server, unlinked here.
+    # Both sides cleaned up: unregistered (unmapped, closed) on the server, unlinked here.
     assert region.name not in stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions
-    assert not os.path.exists("/dev/shm/" + region.key[1:])
+    assert not os.path.exists("/dev/shm/" + region.key[1:]) and not mapped_by(server, region)
 
 
 def test_async_client_shared_memory_callers_batched_together(server, client, stub):
@@ -96,7 +109,7 @@ def test_async_client_shared_memory_callers_batched_together(server, client, stu
     results = asyncio.run(main())
     for (y, region), want in zip(results, expected):
         np.testing.assert_array_equal(y, want)
-        assert not os.path.exists("/dev/shm/" + region.key[1:])
+        assert not os.path.exists("/dev/shm/" + region.key[1:]) and not mapped_by(server, region)
         assert region.name not in stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions
     (s,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="shm-batched")).model_stats
     assert (s.inference_count, s.execution_count) == (3, 1)
@@ -259,7 +272,7 @@ def test_server_stop_releases_every_region(tmp_path):
             fds = os.listdir(f"/proc/{proc.proc.pid}/fd")
             held = [f for f in fds if os.path.realpath(f"/proc/{proc.proc.pid}/fd/{f}") ==
                     "/dev/shm/" + region.key[1:]]
-            assert len(held) == 1
+            assert len(held) == (2 if _shm._shmguard is not None else 1)  # + the mapping's, when mapped
     finally:
         assert proc.stop() == 0, proc.log()
 
@@ -295,3 +308,30 @@ def test_no_shared_memory_and_auth_token(tmp_path):
     finally:
         assert off.stop() == 0
         assert auth.stop() == 0
+
+
+def test_a_client_that_shrinks_its_region_mid_call_gets_an_error_and_the_server_lives(tmp_path):
+    """The server computes on the input where it lies in the mapping and into the output's place there; a client
+    that truncates its object while the (calibrated, slow) call runs gets INVALID_ARGUMENT, not a dead server (the
+    SIGBUS guard of server/_shmguard.c, or the size check if the call had not started yet)."""
+    slow = slow_model()
+    proc = ServerProcess(tmp_path / "models", *slow.server_args()).start()
+    try:
+        with ConvClient(proc.target, timeout=120.0) as c:
+            c.register_model("slow", slow.layers())
+            x = slow.input
+            with c.shared_memory(2 * x.nbytes + 64) as region:
+                delay = 0.3 * slow.seconds
+                timer = threading.Timer(delay, os.truncate, ("/dev/shm/" + region.key[1:], 4096))
+                started = time.monotonic()
+                timer.start()
+                try:
+                    with pytest.raises(ConvError, match=r"shrank") as info:
+                        c.infer("slow", x, shared_memory=region)
+                finally:
+                    timer.join(60)
+                require_longer("the shared-memory call", time.monotonic() - started, delay)
+                assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            np.testing.assert_array_equal(c.infer("slow", x), x)  # alive, and the model is the identity
+    finally:
+        assert proc.stop() == 0, proc.log()

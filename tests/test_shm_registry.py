@@ -1,12 +1,18 @@
 """server._shm.SharedMemoryRegistry in-process: register / status / unregister, bounds against the region and the
 object's real size, hostile keys, and objects shrunk, unlinked or unregistered while a request uses them."""
 import os
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 
 import numpy as np
 import pytest
 
+from _server import ROOT
+from server import _shm
 from server._errors import LimitExceeded
 from server._shm import SHM_DIR, RegionExists, RegionNotFound, SharedMemoryError, SharedMemoryRegistry, shm_path
 
@@ -49,13 +55,17 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+#: Descriptors a registered region holds: its own, plus the one Python's mmap keeps when it is mapped (guard built).
+FDS_PER_REGION = 2 if _shm._shmguard is not None else 1
+
+
 def test_register_read_write_status_unregister(registry, shm_object):
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     key = shm_object(4096, x.tobytes())
     fds = open_fds()
     registry.register("in", key, 0, 96)
     registry.register("out", key, 1024, 2048)
-    assert open_fds() == fds + 2
+    assert open_fds() == fds + 2 * FDS_PER_REGION
     assert registry.status() == [("in", key, 0, 96), ("out", key, 1024, 2048)]
     assert registry.status("out") == [("out", key, 1024, 2048)]
     got = registry.read("in", 0, 96, np.float32, (2, 3, 4))
@@ -196,7 +206,7 @@ def test_unregistered_while_in_use_fails_the_next_access_and_closes_after(regist
     with registry.use("r") as access:
         np.testing.assert_array_equal(access.read(0, 16, np.uint8, (16,)), np.arange(16))
         registry.unregister("r")
-        assert open_fds() == fds + 1  # still open: this request holds it
+        assert open_fds() == fds + FDS_PER_REGION  # still open: this request holds it
         with pytest.raises(SharedMemoryError, match=r"region 'r' was unregistered while this request used it"):
             access.write(0, None, np.zeros(4))
     assert open_fds() == fds
@@ -209,7 +219,7 @@ def test_close_releases_what_a_crashed_client_left(shm_object):
     registry = SharedMemoryRegistry()
     for i in range(5):
         registry.register(f"r{i}", shm_object(64), 0, 64)
-    assert open_fds() == fds + 5
+    assert open_fds() == fds + 5 * FDS_PER_REGION
     registry.close()
     assert open_fds() == fds and registry.names() == []
 
@@ -255,3 +265,118 @@ def test_truncation_racing_with_reads_and_writes_never_crashes(registry, shm_obj
 
 def test_shm_path():
     assert shm_path("/abc") == "/dev/shm/abc" and shm_path("abc.1_x-y") == "/dev/shm/abc.1_x-y"
+
+
+_GUARD_CHILD = textwrap.dedent("""
+    import os, sys, threading
+    import numpy as np
+    from server._shm import SHM_DIR, SharedMemoryError, SharedMemoryRegistry, _shmguard
+    assert _shmguard is not None, "server._shmguard is not built"
+    name = f"test_shm_guard_{os.getpid()}"
+    path, size = os.path.join(SHM_DIR, name), 1 << 20
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, np.full(size // 4, 2.0, np.float32).tobytes(), 0)
+    registry = SharedMemoryRegistry()
+    try:
+        # 1. Deterministic: the object shrinks under a request that reads and writes through the mapping.
+        registry.register("r", "/" + name, 0, size)
+        with registry.use("r") as access:
+            x = access.input(0, size, np.float32, (size // 4,))
+            out = access.output(0, size, (size // 4,), np.float32)
+            assert x.base is not None and out is not None and not x.flags.writeable  # views, not copies
+            assert float(x[:1024].sum()) == 2048.0
+            os.ftruncate(fd, 4096)  # the client shrinks its object
+            x.sum()                 # reads past the new end: SIGBUS without the guard
+            out[...] = 1.0          # and writes
+            try:
+                access.verify("input")
+                print("no error")
+            except SharedMemoryError as exc:
+                print("error:", exc)
+            del x, out
+        try:
+            registry.read("r", 0, 16, np.uint8, (16,))
+            print("usable")
+        except SharedMemoryError as exc:
+            print("after:", exc)
+        registry.unregister("r")
+        # 2. Racing: a thread shrinks and regrows the object while requests compute through the mapping.
+        os.ftruncate(fd, size)
+        stop = threading.Event()
+        def churn():
+            while not stop.is_set():
+                os.ftruncate(fd, 4096)
+                os.ftruncate(fd, size)
+        t = threading.Thread(target=churn)
+        t.start()
+        outcomes = {"ok": 0, "error": 0}
+        try:
+            for i in range(200):
+                try:
+                    registry.register("r", "/" + name, 0, size)
+                except SharedMemoryError:
+                    outcomes["error"] += 1  # registered while shrunk: refused, also fine
+                    continue
+                try:
+                    with registry.use("r") as access:
+                        x = access.input(0, size, np.float32, (size // 4,))
+                        out = access.output(0, size, (size // 4,), np.float32)
+                        np.multiply(x, 2.0, out=out)
+                        access.verify("output")
+                        outcomes["ok"] += 1
+                except SharedMemoryError:
+                    outcomes["error"] += 1
+                finally:
+                    x = out = None
+                    registry.unregister("r")
+        finally:
+            stop.set()
+            t.join(30)
+        print("race:", outcomes["ok"] + outcomes["error"])
+    finally:
+        registry.close()
+        os.close(fd)
+        os.unlink(path)
+""")
+
+
+@pytest.mark.skipif(_shm._shmguard is None, reason="server._shmguard is not built")
+def test_an_object_that_shrinks_under_the_mapping_gives_an_error_never_sigbus():
+    """Zero-copy accesses go through the region's mapping: a client that truncates its object makes the next access
+    past the end fault. The guard turns that into zero pages and an error for the request, once deterministically
+    and then racing 200 requests; in a child process, so that a failure is a dead child, not a dead test run."""
+    proc = subprocess.run([sys.executable, "-c", _GUARD_CHILD], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the child died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stdout.splitlines()
+    assert re.match(r"error: the shared-memory object '/test_shm_guard_\d+' of region 'r' shrank while a request "
+                    r"used it; unregister the region and register it again", lines[0]), proc.stdout
+    assert lines[1].startswith("after: the shared-memory object") and "shrank" in lines[1], proc.stdout
+    assert lines[2] == "race: 200", proc.stdout
+
+
+@pytest.mark.skipif(_shm._shmguard is None, reason="server._shmguard is not built")
+def test_a_fault_outside_every_guarded_mapping_still_ends_the_process():
+    """The guard answers only faults inside the mappings it was given; any other SIGBUS kills the process as it
+    would have (here: a mapping of the child's own, truncated, then read past its end)."""
+    code = textwrap.dedent("""
+        import mmap, os
+        import numpy as np
+        from server import _shmguard
+        guarded = mmap.mmap(-1, 1 << 16)
+        _shmguard.protect(np.frombuffer(guarded, np.uint8).ctypes.data, 1 << 16)  # installs the handler
+        path = f"/dev/shm/test_shm_foreign_{os.getpid()}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.unlink(path)
+        os.ftruncate(fd, 1 << 16)
+        other = np.frombuffer(mmap.mmap(fd, 1 << 16), np.uint8)
+        os.ftruncate(fd, 0)
+        print("before", flush=True)
+        print(int(other[8192]), flush=True)  # SIGBUS, not ours
+        print("survived", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == ["before"] and proc.returncode == -7, (proc.returncode, proc.stdout,
+                                                                              proc.stderr)

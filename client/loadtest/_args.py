@@ -27,12 +27,12 @@ import math
 import re
 from dataclasses import dataclass
 
+from .._ops import ACTIVATIONS
 from ._flops import layer_output_shape
 
 __all__ = ["ACTIVATIONS", "LayerArg", "build_parser", "parse_args", "parse_layer", "parse_shape"]
 
-#: The activations convcore fuses (kept here so the client does not need the compiled engine to import).
-ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "silu", "swish", "elu", "gelu", "softplus")
+# ACTIVATIONS: the SDK's table (client._ops, checked against convcore's by the tests), re-exported here.
 _PADDING_MODES = ("valid", "same", "causal")
 _NUMBERED = {"p": "padding", "s": "strides", "d": "dilation", "g": "groups"}
 

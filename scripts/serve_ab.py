@@ -1,0 +1,87 @@
+"""A/B of our server with different flags or source trees (and the hand-written server), interleaved closed loops.
+
+    flock /tmp/bench.lock python3 scripts/serve_ab.py WORKLOAD C[,C...] ROUNDS 'LABEL=TREE|FLAGS' ...
+
+WORKLOAD is small, medium or batch-8 (benchmarks/service.py's); TREE a source tree to run ``python -m server``
+from (its own PYTHONPATH; e.g. a ``git archive`` of another commit with the built extensions copied in), FLAGS
+space-separated server flags. The label ``plain`` starts the hand-written grpcio + torch server instead (FLAGS: its
+torch threads). $API = kserve (default) or infer; $SLICE = seconds per slice (2). One client process drives every
+server the same way (benchmarks.service.closed_loop), order rotated each round; prints req/s (median of rounds),
+p50, server CPU per request (/proc), and the median per-round ratio to the first label. Used for the readings in
+BENCHMARKS.md ("Serving path (issue 10)", session of 2026-12-02).
+"""
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._harness import ServerProcess, cpu_seconds  # noqa: E402
+from benchmarks.service import (LAYERS, PLAIN_SERVICE, _channel, closed_loop, contender_process,  # noqa: E402
+                                contender_requests, make_weights, register_models)
+
+def main(argv):
+    """Run the A/B described in the module docstring."""
+    workload, cs, rounds = argv[0], [int(c) for c in argv[1].split(",")], int(argv[2])
+    api = os.environ.get("API", "kserve")
+    method = {"kserve": "/inference.GRPCInferenceService/ModelInfer", "infer": "/convservice.v1.ConvService/Infer"}[api]
+    specs = []
+    for arg in argv[3:]:
+        label, rest = arg.split("=", 1)
+        tree, flags = rest.split("|", 1)
+        specs.append((label, tree, flags.split()))
+    weights = make_weights()
+    _, shape, model = LAYERS[workload]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    requests = contender_requests(x, model)
+    servers, calls, reqs = {}, {}, {}
+    tmp = tempfile.mkdtemp(prefix="ab-")
+    try:
+        for label, tree, flags in specs:
+            os.makedirs(os.path.join(tmp, label))
+            if label == "plain":
+                wpath = os.path.join(tmp, "weights.npz")
+                np.savez(wpath, **{f"{m}.{k}": v for m, (w, b) in weights.items() for k, v in (("w", w), ("b", b))})
+                threads = int(flags[0]) if flags else 2
+                p = contender_process("plain", os.path.join(tmp, label), 8, threads, wpath).start()
+                servers[label] = p
+                reqs[label] = requests["plain"]
+                calls[label] = _channel(p.target).unary_unary(f"/{PLAIN_SERVICE}/{model}")
+                calls[label](reqs[label], timeout=60)
+                closed_loop(calls[label], reqs[label], 2, 1.0)
+                continue
+            reqs[label] = requests[api]
+            p = ServerProcess(os.path.join(tmp, label, "models"), *flags, cwd=tree,
+                              env={"PYTHONPATH": tree}).start()
+            servers[label] = p
+            register_models(p.target, weights)
+            calls[label] = _channel(p.target).unary_unary(method)
+            calls[label](reqs[label], timeout=60)
+            closed_loop(calls[label], reqs[label], 2, 1.0)
+        labels = [s[0] for s in specs]
+        for c in cs:
+            res = {k: [] for k in labels}
+            for r in range(rounds):
+                for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+                    time.sleep(0.2)
+                    c0 = cpu_seconds(servers[k].pid)
+                    out = closed_loop(calls[k], reqs[k], c, float(os.environ.get("SLICE", "2")))
+                    n = len(out["latencies"])
+                    res[k].append((n / out["wall"], (cpu_seconds(servers[k].pid) - c0) / max(1, n) * 1e3,
+                                   statistics.median(out["latencies"]) * 1e3 if n else None, out["errors"]))
+            for k in labels:
+                ratio = statistics.median(a[0] / b[0] for a, b in zip(res[k], res[labels[0]]))
+                print(f"{workload} C={c} {k:14s} req/s {statistics.median(v[0] for v in res[k]):7.1f}  "
+                      f"p50 {statistics.median(v[2] for v in res[k]):6.2f} ms  cpu/req "
+                      f"{statistics.median(v[1] for v in res[k]):6.3f} ms  ÷{labels[0]} {ratio:.2f}  "
+                      f"rounds {[round(v[0]) for v in res[k]]} errors {sum(len(v[3]) for v in res[k])}", flush=True)
+    finally:
+        for p in servers.values():
+            p.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
