@@ -237,7 +237,9 @@ class Model:
         plans = self.plans(x_shape, num_threads)
         n = x_shape[0]
         shapes = tuple(tuple(plan.output_shape(n)) for plan in plans)
-        threads = max(convcore.resolve_num_threads(num_threads, flops=plan.geometry.flops(n)) for plan in plans)
+        # Ask the plans: convcore weighs depthwise and packed NHWC work differently from their FLOPs when it picks a
+        # thread count, and the CPU units reserved must be the threads the plans will really use.
+        threads = max(plan.num_threads(n, num_threads) for plan in plans)
         route = Route(plans, shapes, threads)
         with self._lock:
             self._routes[key] = route
