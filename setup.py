@@ -200,6 +200,8 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pyyaml>=6", "kubernetes-validate>=1.34", "torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17", "matplotlib>=3.7"],
         "bench": ["torch==2.13.0", "onnx>=1.15", "onnxruntime>=1.17"],
         "plot": ["matplotlib>=3.7"],
+        # Profiling the server under load (BENCHMARKS.md, "Serving path"): py-spy record -p PID [--gil|--idle].
+        "profile": ["py-spy>=0.3"],
         # ConvClient.register_onnx / register_torch import these only when called (issue 12).
         "onnx": ["onnx>=1.15"],
         "torch": ["torch>=2.0"],

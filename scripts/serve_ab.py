@@ -5,10 +5,13 @@
 WORKLOAD is small, medium or batch-8 (benchmarks/service.py's); TREE a source tree to run ``python -m server``
 from (its own PYTHONPATH; e.g. a ``git archive`` of another commit with the built extensions copied in), FLAGS
 space-separated server flags. The label ``plain`` starts the hand-written grpcio + torch server instead (FLAGS: its
-torch threads). $API = kserve (default) or infer; $SLICE = seconds per slice (2). One client process drives every
-server the same way (benchmarks.service.closed_loop), order rotated each round; prints req/s (median of rounds),
-p50, server CPU per request (/proc), and the median per-round ratio to the first label. Used for the readings in
-BENCHMARKS.md ("Serving path (issue 10)", session of 2026-12-02).
+torch threads). $API = kserve (default) or infer; $SLICE = seconds per slice (0.5); $PAUSE = idle seconds before
+each slice (0.1). One client process drives every server the same way (benchmarks.service.closed_loop), order
+rotated each round; prints req/s (median of rounds), p50, server CPU per request (/proc), the client's CPU per
+request (this process), and the median per-round ratio to the first label with its quartiles. Many short rounds
+rather than a few long ones: on a shared machine the load changes within seconds, and a ratio taken inside one
+round (the contenders of a round run within ~1-2 s of each other) cancels most of it. Used for the readings in
+BENCHMARKS.md ("Serving path (issue 10)", sessions of 2026-12-02).
 """
 import os
 import statistics
@@ -27,6 +30,7 @@ def main(argv):
     """Run the A/B described in the module docstring."""
     workload, cs, rounds = argv[0], [int(c) for c in argv[1].split(",")], int(argv[2])
     api = os.environ.get("API", "kserve")
+    slice_s, pause = float(os.environ.get("SLICE", "0.5")), float(os.environ.get("PAUSE", "0.1"))
     method = {"kserve": "/inference.GRPCInferenceService/ModelInfer", "infer": "/convservice.v1.ConvService/Infer"}[api]
     specs = []
     for arg in argv[3:]:
@@ -66,18 +70,25 @@ def main(argv):
             res = {k: [] for k in labels}
             for r in range(rounds):
                 for k in labels[r % len(labels):] + labels[:r % len(labels)]:
-                    time.sleep(0.2)
-                    c0 = cpu_seconds(servers[k].pid)
-                    out = closed_loop(calls[k], reqs[k], c, float(os.environ.get("SLICE", "2")))
+                    time.sleep(pause)
+                    c0, own0 = cpu_seconds(servers[k].pid), time.process_time()
+                    out = closed_loop(calls[k], reqs[k], c, slice_s)
                     n = len(out["latencies"])
                     res[k].append((n / out["wall"], (cpu_seconds(servers[k].pid) - c0) / max(1, n) * 1e3,
-                                   statistics.median(out["latencies"]) * 1e3 if n else None, out["errors"]))
+                                   statistics.median(out["latencies"]) * 1e3 if n else None, out["errors"],
+                                   (time.process_time() - own0) / max(1, n) * 1e3))
             for k in labels:
-                ratio = statistics.median(a[0] / b[0] for a, b in zip(res[k], res[labels[0]]))
+                ratios = sorted(a[0] / b[0] for a, b in zip(res[k], res[labels[0]]))
+                q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
                 print(f"{workload} C={c} {k:14s} req/s {statistics.median(v[0] for v in res[k]):7.1f}  "
-                      f"p50 {statistics.median(v[2] for v in res[k]):6.2f} ms  cpu/req "
-                      f"{statistics.median(v[1] for v in res[k]):6.3f} ms  ÷{labels[0]} {ratio:.2f}  "
-                      f"rounds {[round(v[0]) for v in res[k]]} errors {sum(len(v[3]) for v in res[k])}", flush=True)
+                      f"p50 {statistics.median(v[2] for v in res[k]):6.2f} ms  cpu/req server "
+                      f"{statistics.median(v[1] for v in res[k]):6.3f} client {statistics.median(v[4] for v in res[k]):6.3f} ms"
+                      f"  ÷{labels[0]} {q2:.3f} [{q1:.3f}-{q3:.3f}]  range {min(v[0] for v in res[k]):.0f}-"
+                      f"{max(v[0] for v in res[k]):.0f} errors {sum(len(v[3]) for v in res[k])}", flush=True)
+            if len(labels) > 2:  # every pair, each a median of per-round ratios
+                print(f"{workload} C={c} pairs: " + ", ".join(
+                    f"{a}/{b} {statistics.median(x[0] / y[0] for x, y in zip(res[a], res[b])):.3f}"
+                    for i, a in enumerate(labels) for b in labels[:i]), flush=True)
     finally:
         for p in servers.values():
             p.stop()

@@ -333,6 +333,11 @@ class _Forwarder:
         self._listener.settimeout(0.1)
         self.port = self._listener.getsockname()[1]
         self._sockets = []
+        # The accept thread adds sockets while `cut` may be walking them: without the lock (and a copy), a cut
+        # also broke a connection the client opened *during* the cut (its reconnect is faster than a Python loop
+        # of shutdowns that waits for the GIL behind the relay threads), and a connection broken during its
+        # HTTP/2 handshake sends the client's channel into reconnect backoff (1 s), past every retry attempt.
+        self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -348,8 +353,9 @@ class _Forwarder:
             downstream.settimeout(None)
             upstream = socket.create_connection(("127.0.0.1", self.backend), timeout=10)
             upstream.settimeout(None)
-            self.connections += 1
-            self._sockets += [downstream, upstream]
+            with self._lock:
+                self.connections += 1
+                self._sockets += [downstream, upstream]
             for src, dst in ((downstream, upstream), (upstream, downstream)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
@@ -368,11 +374,24 @@ class _Forwarder:
                 except OSError:
                     pass
 
+    def cut(self):
+        """Break every connection relayed so far, both ways (as a dropped proxy or a killed node does); connections
+        accepted from now on are relayed as usual."""
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self):
         self._closed = True
         self._thread.join(5)
         self._listener.close()
-        for sock in self._sockets:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
             sock.close()
 
 
