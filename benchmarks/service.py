@@ -14,10 +14,14 @@ Then, per section:
 ``contenders``
     Closed loops at concurrency 1, 4 and 16 for each workload against ours through KServe v2 ``ModelInfer`` and
     through our ``ConvService/Infer``, the hand-written server and the echo, interleaved: rounds of one time slice
-    per contender, order rotated each round. Every contender is driven the same way (one client process, C threads,
-    requests serialized once, responses taken as bytes), and its answers are checked against the layer computed in
-    this process first. Reports req/s, p50/p99, the server's CPU per request (``/proc/PID/stat`` before and after each
-    slice), ours / hand-written, and the floors of issue 10 (echo p50 + in-process compute).
+    per contender, order rotated each round. Many short rounds (12 of 0.5 s) rather than a few long ones: on a shared
+    machine the load changes within seconds, and a ratio taken inside one round, whose slices run within ~3 s of
+    each other, cancels most of it (3 rounds of 2 s gave per-round ratios 0.65-0.98 for one row). Slices of slow
+    calls are lengthened so that each client thread completes ~8 calls per slice, with fewer rounds (at least 3).
+    Every contender is driven the same way (one client process, C threads, requests serialized once, responses
+    taken as bytes), and its answers are checked against the layer computed in this process first. Reports req/s,
+    p50/p99, the server's CPU per request (``/proc/PID/stat`` before and after each slice), the client's (this
+    process's CPU time), ours / hand-written, and the floors of issue 10 (echo p50 + in-process compute).
 ``latency``
     ``ConvClient.infer`` against in-process ``plan.run`` / ``convcore.conv`` and the echo of the serialized request,
     call by call (what the SDK user sees), with the server's own Prometheus means.
@@ -307,6 +311,19 @@ def closed_loop(call, request, concurrency, seconds, timeout=120.0):
             "errors": errors}
 
 
+def slice_plan(slice_s, rounds, latency, concurrency, calls_per_thread=8, longest=4.0):
+    """(seconds per slice, rounds) for one workload and concurrency: `slice_s` and `rounds`, unless a client thread
+    would complete fewer than `calls_per_thread` calls in a slice (latency ~ the 2-thread `latency` x C/2 on 2
+    cores); then a longer slice (at most `longest` s) and as many fewer rounds, at least 3, so that slow workloads
+    neither end a slice on a handful of calls nor take much longer than the others.
+    """
+    needed = calls_per_thread * latency * max(1.0, concurrency / 2)
+    if needed <= slice_s:
+        return slice_s, rounds
+    longer = min(longest, needed)
+    return longer, max(min(3, rounds), math.ceil(rounds * slice_s / longer))
+
+
 def measure_compute(weights, model, x, threads, rounds, block_s=0.3, pause=0.2):
     """In-process compute of one workload, per call (ms, medians): convcore's plan (what our server runs) and torch
     (what the hand-written server runs), both with `threads` threads, in alternating blocks of back-to-back calls
@@ -351,7 +368,8 @@ def measure_compute(weights, model, x, threads, rounds, block_s=0.3, pause=0.2):
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
-def measure_contenders(procs, weights, rounds, slice_s, warmup_s, pause, threads, log, concurrencies=CONCURRENCY):
+def measure_contenders(procs, weights, rounds, slice_s, warmup_s, pause, threads, log, concurrencies=CONCURRENCY,
+                       calls_per_thread=8):
     """Every contender on every workload at every concurrency, interleaved; returns a dict of results.
 
     Parameters
@@ -367,6 +385,8 @@ def measure_contenders(procs, weights, rounds, slice_s, warmup_s, pause, threads
         (so one server's spinning threads do not run into the next one's slice).
     threads : int
         Threads of the in-process compute (our server's OpenMP threads per convolution).
+    calls_per_thread : int
+        Calls a client thread should complete in one slice; slices of slow calls are lengthened (`slice_plan`).
 
     Returns
     -------
@@ -390,6 +410,7 @@ def measure_contenders(procs, weights, rounds, slice_s, warmup_s, pause, threads
             ref = convcore.conv(x, w, b, padding="same", activation="relu")
             requests = contender_requests(x, model)
             calls = {}
+            warm_latency = 0.0  # the slowest contender's mean latency at 2 threads, seconds
             for key, (label, proc, method) in CONTENDERS.items():
                 calls[key] = channels[proc].unary_unary(method or f"/{PLAIN_SERVICE}/{model}")
                 got = decode_response(key, calls[key](requests[key], timeout=120.0), ref.shape)
@@ -397,28 +418,34 @@ def measure_contenders(procs, weights, rounds, slice_s, warmup_s, pause, threads
                 if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
                     raise RuntimeError(f"{workload}: {label} gave a wrong answer (shape {got.shape}, want "
                                        f"{want.shape})")
-                closed_loop(calls[key], requests[key], 2, warmup_s)
+                warm = closed_loop(calls[key], requests[key], 2, warmup_s)["latencies"]
+                if warm:
+                    warm_latency = max(warm_latency, statistics.fmean(warm))
             for c in concurrencies:
+                c_slice, c_rounds = slice_plan(slice_s, rounds, warm_latency, c, calls_per_thread)
                 slices = {k: [] for k in keys}
-                for r in range(rounds):
+                for r in range(c_rounds):
                     for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                         pid = procs[CONTENDERS[key][1]].pid
                         time.sleep(pause)
-                        cpu0 = _cpu(pid)
-                        res = closed_loop(calls[key], requests[key], c, slice_s)
+                        cpu0, own0 = _cpu(pid), time.process_time()
+                        res = closed_loop(calls[key], requests[key], c, c_slice)
                         res["cpu"] = _cpu(pid) - cpu0
+                        res["client_cpu"] = time.process_time() - own0
                         slices[key].append(res)
                 for key in keys:
                     lat = sorted(v for res in slices[key] for v in res["latencies"])
                     n = len(lat)
                     wall = sum(res["wall"] for res in slices[key])
                     cpu = sum(res["cpu"] for res in slices[key])
+                    client_cpu = sum(res["client_cpu"] for res in slices[key])
                     per_round = [len(res["latencies"]) / res["wall"] for res in slices[key]]
                     rows[(workload, c, key)] = {
                         "req_s": statistics.median(per_round), "rounds": per_round, "requests": n,
                         "p50": 1e3 * lat[n // 2] if n else None,
                         "p99": 1e3 * lat[min(n - 1, int(math.ceil(0.99 * n)) - 1)] if n else None,
                         "cpu_ms": 1e3 * cpu / n if n else None, "cores": cpu / wall,
+                        "client_cpu_ms": 1e3 * client_cpu / n if n else None, "slice_s": c_slice,
                         "errors": [e for res in slices[key] for e in res["errors"]]}
                 for key in OURS:
                     pairs = [a / p for a, p in zip(rows[(workload, c, key)]["rounds"],
@@ -428,7 +455,7 @@ def measure_contenders(procs, weights, rounds, slice_s, warmup_s, pause, threads
                     f"{k} {rows[(workload, c, k)]['req_s']:.1f} req/s" for k in keys)
                     + f"; ours/plain {_f(ratio[(workload, c, 'kserve')])} (KServe), "
                       f"{_f(ratio[(workload, c, 'infer')])} (Infer)")
-            compute[workload] = measure_compute(weights, model, x, threads, rounds=max(2, rounds))
+            compute[workload] = measure_compute(weights, model, x, threads, rounds=max(2, min(rounds, 3)))
             log(f"compute {workload}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in compute[workload].items()))
     finally:
         for ch in channels.values():
@@ -830,15 +857,17 @@ def render_contenders(ctx, con):
          f"bytes out; the answers of each contender were decoded and checked against this process's convcore "
          f"output before timing). Per workload {ctx['warmup_s']:g} s of unmeasured load per contender, then for "
          f"each C {ctx['rounds']} rounds of one {ctx['slice_s']:g} s slice per contender (order rotated each round, "
-         f"{ctx['slice_pause']:g} s idle before each slice). req/s: median over the rounds; p50/p99: over every "
-         f"call of the rounds; server CPU: user + system time of the server process (`/proc/PID/stat`) during the "
-         f"slices, per request and in cores busy (2 in all, shared with the client); ÷ hand-written: median over "
+         f"{ctx['slice_pause']:g} s idle before each slice; where a client thread would complete fewer than 8 calls "
+         f"in a slice, longer slices and fewer rounds, at least 3: the rounds column counts them). req/s: median "
+         f"over the rounds; p50/p99: over every call of the rounds; server CPU: user + system time of the server "
+         f"process (`/proc/PID/stat`) during the slices, per request and in cores busy (2 in all, shared with the "
+         f"client); client CPU: this process's CPU time per request; ÷ hand-written: median over "
          f"rounds of ours / hand-written req/s in the same round. `ours, KServe` is `ModelInfer` with "
          f"`raw_input_contents` (as perf_analyzer sends it), `ours, Infer` is `ConvService/Infer`; the hand-written "
          f"server gets the raw float32 bytes, the echo the same bytes.", "",
-         "| workload | C | server | req/s | p50 ms | p99 ms | server CPU ms/req | server CPU cores | ÷ hand-written "
-         "| rounds (req/s) |",
-         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+         "| workload | C | server | req/s | p50 ms | p99 ms | server CPU ms/req | server CPU cores | client CPU ms/req "
+         "| ÷ hand-written | rounds (req/s) |",
+         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     workloads = list(dict.fromkeys(k[0] for k in rows))
     concs = sorted({k[1] for k in rows})
     for wl in workloads:
@@ -847,7 +876,8 @@ def render_contenders(ctx, con):
                 r = rows[(wl, c, key)]
                 err = f" ({len(r['errors'])} errors: {', '.join(sorted(set(r['errors'])))})" if r["errors"] else ""
                 L.append(f"| {wl} | {c} | {label}{err} | {_f(r['req_s'], 1)} | {_f(r['p50'])} | {_f(r['p99'])} | "
-                         f"{_f(r['cpu_ms'])} | {_f(r['cores'])} | {_f(ratio.get((wl, c, key)))} | "
+                         f"{_f(r['cpu_ms'])} | {_f(r['cores'])} | {_f(r.get('client_cpu_ms'))} | "
+                         f"{_f(ratio.get((wl, c, key)))} | "
                          f"{', '.join(_rate(v) for v in r['rounds'])} |")
     L += ["", "Concurrency 1 against the floors (issue 10): floor = echo p50 + in-process compute p50 of the same "
           "engine (convcore's plan for ours, torch for the hand-written server; this process, the server's thread "
@@ -1019,10 +1049,11 @@ def parse_args(argv):
     p.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"), help="Markdown file to update")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated, any of {', '.join(SECTIONS)} (default: all)")
-    p.add_argument("--rounds", type=int, default=None, help="contenders: slices per contender and C (default 3; "
+    p.add_argument("--rounds", type=int, default=None, help="contenders: slices per contender and C (default 12; "
                    "--quick 1)")
     p.add_argument("--slice", type=float, default=None, dest="slice_s",
-                   help="contenders: seconds per slice (default 2; --quick 0.25)")
+                   help="contenders: seconds per slice (default 0.5, longer for slow "
+                   "calls; --quick 0.25)")
     p.add_argument("--calls", type=int, default=None, help="latency: timed calls per contender (default 40; --quick 6)")
     p.add_argument("--duration", type=float, default=None, help="throughput: loadtest seconds per row (default 10; "
                    "--quick 1)")
@@ -1087,8 +1118,8 @@ def main(argv=None):
 
     t_start = time.monotonic()
     quick = args.quick
-    rounds = args.rounds or (1 if quick else 3)
-    slice_s = args.slice_s or (0.25 if quick else 2.0)
+    rounds = args.rounds or (1 if quick else 12)
+    slice_s = args.slice_s or (0.25 if quick else 0.5)
     warmup_s = 0.2 if quick else 1.0
     slice_pause = 0.05 if quick else 0.2
     calls = args.calls or (6 if quick else 40)
@@ -1148,7 +1179,7 @@ def main(argv=None):
             log(f"GEMM peak: {peak['text']}")
             if plain is not None:
                 con = measure_contenders({"ours": server, "plain": plain, "echo": echo}, weights, rounds, slice_s,
-                                         warmup_s, slice_pause, omp, log)
+                                         warmup_s, slice_pause, omp, log, calls_per_thread=1 if quick else 8)
                 plain.stop()
             if "latency" in args.sections:
                 lat_rows = measure_latency(server, echo, weights, mport, calls, warmup, pause, log)

@@ -52,7 +52,8 @@ def test_quick_service_benchmark_writes_parsable_tables(tmp_path):
         cells = dict(zip(con_head, row))
         assert cells["server"] in servers, row  # no "(N errors: ...)" suffix: every call succeeded
         seen.add((cells["workload"], int(cells["C"]), cells["server"]))
-        for name in ("req/s", "p50 ms", "p99 ms", "server CPU ms/req", "server CPU cores", "rounds (req/s)"):
+        for name in ("req/s", "p50 ms", "p99 ms", "server CPU ms/req", "server CPU cores", "client CPU ms/req",
+                     "rounds (req/s)"):
             assert _positive(cells[name]), (name, row)
         # ours / hand-written on our rows only, measured in the same round.
         assert _positive(cells["÷ hand-written"]) == cells["server"].startswith("ours"), row
@@ -101,3 +102,12 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, args, messag
     assert proc.returncode == 2
     assert re.search(message, proc.stderr), proc.stderr
     assert not (tmp_path / "B.md").exists()
+
+
+def test_slow_calls_get_longer_slices_and_fewer_rounds():
+    from benchmarks.service import slice_plan
+
+    assert slice_plan(0.5, 12, 0.002, 16) == (0.5, 12)  # small: 8 calls x 2 ms x 8 = 0.128 s fit in 0.5 s
+    assert slice_plan(0.5, 12, 0.06, 4) == (0.96, 7)  # 8 x 60 ms x 2; the same time in all: 12 x 0.5 / 0.96 -> 7
+    assert slice_plan(0.5, 12, 0.1, 16) == (4.0, 3)  # capped at 4 s, and never fewer than 3 rounds
+    assert slice_plan(0.25, 1, 0.1, 16, calls_per_thread=1) == (0.8, 1)  # --quick: one round stays one
