@@ -4,8 +4,8 @@
 
 WORKLOAD is small, medium or batch-8 (benchmarks/service.py's); TREE a source tree to run ``python -m server``
 from (its own PYTHONPATH; e.g. a ``git archive`` of another commit with the built extensions copied in), FLAGS
-space-separated server flags. The label ``plain`` starts the hand-written grpcio + torch server instead (FLAGS: its
-torch threads). $API = kserve (default) or infer; $SLICE = seconds per slice (0.5); $PAUSE = idle seconds before
+space-separated server flags. A label starting with ``plain`` starts the hand-written grpcio + torch server instead
+(FLAGS: its torch threads, then its RPC threads, default 2 and 8). $API = kserve (default) or infer; $SLICE = seconds per slice (0.5); $PAUSE = idle seconds before
 each slice (0.1). One client process drives every server the same way (benchmarks.service.closed_loop), order
 rotated each round; prints req/s (median of rounds), p50, server CPU per request (/proc), the client's CPU per
 request (this process), and the median per-round ratio to the first label with its quartiles. Many short rounds
@@ -46,11 +46,12 @@ def main(argv):
     try:
         for label, tree, flags in specs:
             os.makedirs(os.path.join(tmp, label))
-            if label == "plain":
+            if label.startswith("plain"):
                 wpath = os.path.join(tmp, "weights.npz")
                 np.savez(wpath, **{f"{m}.{k}": v for m, (w, b) in weights.items() for k, v in (("w", w), ("b", b))})
                 threads = int(flags[0]) if flags else 2
-                p = contender_process("plain", os.path.join(tmp, label), 8, threads, wpath).start()
+                workers = int(flags[1]) if len(flags) > 1 else 8
+                p = contender_process("plain", os.path.join(tmp, label), workers, threads, wpath).start()
                 servers[label] = p
                 reqs[label] = requests["plain"]
                 calls[label] = _channel(p.target).unary_unary(f"/{PLAIN_SERVICE}/{model}")

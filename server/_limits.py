@@ -4,6 +4,7 @@ Every limit is a `ServerConfig` field and a ``python -m server`` flag (see `serv
 README with its default. Going over one gets RESOURCE_EXHAUSTED with a message that names the limit and the flag
 that raises it.
 """
+import collections
 import concurrent.futures
 import heapq
 import itertools
@@ -32,33 +33,99 @@ def check_count(what, count, limit, flag):
                             f"raises it)")
 
 
-class CountingThreadPool(concurrent.futures.ThreadPoolExecutor):
-    """gRPC's worker pool, counting the calls handed to it and not yet finished (queued or running).
+class CountingThreadPool(concurrent.futures.Executor):
+    """gRPC's worker pool: at most `max_workers` threads, the most recently idle one taking the next call, counting
+    the calls handed to it and not yet finished (queued or running).
 
-    That is the number of calls in flight that ``--max-in-flight`` bounds. It counts a future from its submission to
-    its end, and every future ends (also when its request never arrives, or at shutdown), so the count cannot leak.
-    Health checks and refusals run on another pool (``experimental_thread_pool``), so they do not count.
+    The count is the number of calls in flight that ``--max-in-flight`` bounds. It counts a call from its
+    submission to its end, and every call ends (also when its request never arrives, or at shutdown), so the count
+    cannot leak. Health checks and refusals run on another pool (``experimental_thread_pool``), so they do not count.
+
+    Why not `concurrent.futures.ThreadPoolExecutor`: its idle threads all wait on one queue, so each call wakes
+    whichever thread the OS picks, typically one that has slept longest (cold stack and caches), and all
+    `max_workers` threads keep taking turns. Here idle threads wait on a stack: under C concurrent calls only ~C
+    threads ever run, and the one that just finished a call takes the next without sleeping.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._count_lock = threading.Lock()
+    def __init__(self, max_workers, thread_name_prefix="rpc"):
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self._max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._lock = threading.Lock()
+        self._tasks = collections.deque()  # (future, fn, args, kwargs) not yet taken
+        self._idle = []  # wake-up locks of idle threads, most recently idle last
+        self._threads = 0
+        self._shutdown = False
         self.in_flight = 0
 
     def submit(self, fn, /, *args, **kwargs):
-        with self._count_lock:
+        future = concurrent.futures.Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
             self.in_flight += 1
-        try:
-            future = super().submit(fn, *args, **kwargs)
-        except BaseException:
-            self._done(None)
-            raise
-        future.add_done_callback(self._done)
+            self._tasks.append((future, fn, args, kwargs))
+            wake = self._idle.pop() if self._idle else None
+            name = None
+            if wake is None and self._threads < self._max_workers:
+                name = f"{self._prefix}_{self._threads}"
+                self._threads += 1
+        if wake is not None:
+            wake.release()
+        elif name is not None:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
         return future
 
-    def _done(self, _future):
-        with self._count_lock:
-            self.in_flight -= 1
+    def _work(self):
+        wake = threading.Lock()
+        wake.acquire()
+        while True:
+            with self._lock:
+                if self._tasks:
+                    task = self._tasks.popleft()
+                elif self._shutdown:
+                    self._threads -= 1
+                    return
+                else:
+                    task = None
+                    self._idle.append(wake)
+            if task is None:
+                wake.acquire()  # released by submit (or shutdown) once this lock is popped off the stack
+                continue
+            future, fn, args, kwargs = task
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = fn(*args, **kwargs)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the future, as ThreadPoolExecutor does
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+            finally:
+                del future, fn, args, kwargs, task  # nothing of the call stays alive while this thread idles
+                with self._lock:
+                    self.in_flight -= 1
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            self._shutdown = True
+            idle, self._idle = self._idle, []
+            cancelled = []
+            if cancel_futures:
+                cancelled, self._tasks = list(self._tasks), collections.deque()
+        for wake in idle:
+            wake.release()
+        for future, *_ in cancelled:
+            future.cancel()
+            with self._lock:
+                self.in_flight -= 1
+        if wait:
+            while True:
+                with self._lock:
+                    if not self._threads:
+                        return
+                time.sleep(0.01)
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
