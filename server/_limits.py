@@ -45,6 +45,12 @@ class CountingThreadPool(concurrent.futures.Executor):
     whichever thread the OS picks, typically one that has slept longest (cold stack and caches), and all
     `max_workers` threads keep taking turns. Here idle threads wait on a stack: under C concurrent calls only ~C
     threads ever run, and the one that just finished a call takes the next without sleeping.
+
+    Parameters
+    ----------
+    max_workers : int
+        Threads at most (``--workers``); started on demand, never stopped before `shutdown`.
+    thread_name_prefix : str
     """
 
     def __init__(self, max_workers, thread_name_prefix="rpc"):
