@@ -4,10 +4,10 @@
 
 WORKLOAD is small, medium or batch-8 (benchmarks/service.py's); TREE a source tree to run ``python -m server``
 from (its own PYTHONPATH; e.g. a ``git archive`` of another commit with the built extensions copied in), FLAGS
-space-separated server flags. The label ``plain`` starts the hand-written grpcio + torch server instead (FLAGS: its
-torch threads). $API = kserve (default) or infer; $SLICE = seconds per slice (2). One client process drives every
+space-separated server flags and NAME=VALUE environment variables of that server. The label ``plain`` starts the hand-written grpcio + torch server instead (FLAGS: its
+torch threads), and ``echo`` the gRPC echo of the same bytes (the transport alone; FLAGS ignored). $API = kserve (default) or infer; $SLICE = seconds per slice (2). One client process drives every
 server the same way (benchmarks.service.closed_loop), order rotated each round; prints req/s (median of rounds),
-p50, server CPU per request (/proc), and the median per-round ratio to the first label. Used for the readings in
+p50, server CPU and minor page faults per request (/proc), and the median per-round ratio to the first label. Used for the readings in
 BENCHMARKS.md ("Serving path (issue 10)", session of 2026-12-02).
 """
 import os
@@ -23,6 +23,12 @@ from benchmarks._harness import ServerProcess, cpu_seconds  # noqa: E402
 from benchmarks.service import (LAYERS, PLAIN_SERVICE, _channel, closed_loop, contender_process,  # noqa: E402
                                 contender_requests, make_weights, register_models)
 
+def minor_faults(pid):
+    """Minor page faults of process `pid` so far (/proc/PID/stat field 10): fresh pages touched."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def main(argv):
     """Run the A/B described in the module docstring."""
     workload, cs, rounds = argv[0], [int(c) for c in argv[1].split(",")], int(argv[2])
@@ -32,7 +38,10 @@ def main(argv):
     for arg in argv[3:]:
         label, rest = arg.split("=", 1)
         tree, flags = rest.split("|", 1)
-        specs.append((label, tree, flags.split()))
+        # NAME=VALUE words are environment variables of that server (e.g. GOMP_SPINCOUNT=20000), the rest flags.
+        words = flags.split()
+        env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=", 1)[0].isupper())
+        specs.append((label, tree, [w for w in words if w.split("=", 1)[0] not in env], env))
     weights = make_weights()
     _, shape, model = LAYERS[workload]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
@@ -40,8 +49,15 @@ def main(argv):
     servers, calls, reqs = {}, {}, {}
     tmp = tempfile.mkdtemp(prefix="ab-")
     try:
-        for label, tree, flags in specs:
+        for label, tree, flags, env in specs:
             os.makedirs(os.path.join(tmp, label))
+            if label == "echo":
+                p = contender_process("echo", os.path.join(tmp, label), 8).start()
+                servers[label] = p
+                reqs[label] = requests["echo"]
+                calls[label] = _channel(p.target).unary_unary("/bench.Echo/Echo")
+                closed_loop(calls[label], reqs[label], 2, 1.0)
+                continue
             if label == "plain":
                 wpath = os.path.join(tmp, "weights.npz")
                 np.savez(wpath, **{f"{m}.{k}": v for m, (w, b) in weights.items() for k, v in (("w", w), ("b", b))})
@@ -55,7 +71,7 @@ def main(argv):
                 continue
             reqs[label] = requests[api]
             p = ServerProcess(os.path.join(tmp, label, "models"), *flags, cwd=tree,
-                              env={"PYTHONPATH": tree}).start()
+                              env={"PYTHONPATH": tree, **env}).start()
             servers[label] = p
             register_models(p.target, weights)
             calls[label] = _channel(p.target).unary_unary(method)
@@ -67,16 +83,18 @@ def main(argv):
             for r in range(rounds):
                 for k in labels[r % len(labels):] + labels[:r % len(labels)]:
                     time.sleep(0.2)
-                    c0 = cpu_seconds(servers[k].pid)
+                    c0, f0 = cpu_seconds(servers[k].pid), minor_faults(servers[k].pid)
                     out = closed_loop(calls[k], reqs[k], c, float(os.environ.get("SLICE", "2")))
                     n = len(out["latencies"])
                     res[k].append((n / out["wall"], (cpu_seconds(servers[k].pid) - c0) / max(1, n) * 1e3,
-                                   statistics.median(out["latencies"]) * 1e3 if n else None, out["errors"]))
+                                   statistics.median(out["latencies"]) * 1e3 if n else None, out["errors"],
+                                   (minor_faults(servers[k].pid) - f0) / max(1, n)))
             for k in labels:
                 ratio = statistics.median(a[0] / b[0] for a, b in zip(res[k], res[labels[0]]))
                 print(f"{workload} C={c} {k:14s} req/s {statistics.median(v[0] for v in res[k]):7.1f}  "
                       f"p50 {statistics.median(v[2] for v in res[k]):6.2f} ms  cpu/req "
-                      f"{statistics.median(v[1] for v in res[k]):6.3f} ms  ÷{labels[0]} {ratio:.2f}  "
+                      f"{statistics.median(v[1] for v in res[k]):6.3f} ms  minflt/req {statistics.median(v[4] for v in res[k]):5.0f}  "
+                      f"÷{labels[0]} {ratio:.2f}  "
                       f"rounds {[round(v[0]) for v in res[k]]} errors {sum(len(v[3]) for v in res[k])}", flush=True)
     finally:
         for p in servers.values():
