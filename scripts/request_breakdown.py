@@ -109,10 +109,13 @@ def timing_interceptor():
             handler = continuation(details)
             if handler is None or handler.unary_unary is None:
                 return handler
+            # A handler registered without a (de)serializer parses the request itself (then it is in "handler").
             return grpc.unary_unary_rpc_method_handler(
                 REC.wrap("handler (wrapper + servicer)", handler.unary_unary),
-                request_deserializer=REC.wrap("grpc deserialize", handler.request_deserializer),
-                response_serializer=REC.wrap("grpc serialize", handler.response_serializer))
+                request_deserializer=(REC.wrap("grpc deserialize", handler.request_deserializer)
+                                      if handler.request_deserializer is not None else None),
+                response_serializer=(REC.wrap("grpc serialize", handler.response_serializer)
+                                     if handler.response_serializer is not None else None))
     return Timing()
 
 
