@@ -8,8 +8,9 @@ protobuf work on the client side) one at a time, with a pause before each, like 
 Before the calls it wraps the server's own functions with timers ("probes", listed per code layout in `PROBES`), so
 each step is measured inside the real request path; a probe adds ~1 µs per call. Workloads (issue 10): small =
 3x3 16->16 on 1x16x32x32, medium = 3x3 64->64 on 1x64x56x56, batch-8 = the same on 8x64x56x56; same padding, bias,
-relu, float32 NCHW, weights registered. APIs: ConvService/Infer, KServe ModelInfer with raw_input_contents, and
-ModelInfer with typed contents (fp32_contents; small only, as a client would not send MiBs of typed floats).
+relu, float32 NCHW, weights registered. APIs: ConvService/Infer, KServe ModelInfer with raw_input_contents,
+ModelInfer with typed contents (fp32_contents; small only, as a client would not send MiBs of typed floats), and
+ModelInfer with input and output in a system shared-memory region (medium and batch-8).
 
 Reported per (workload, API), medians over the calls in ms: the client's round trip, the server's CPU per request
 (process CPU time / calls), gRPC's deserialize and serialize (our (de)serializer functions, timed where gRPC calls
@@ -173,8 +174,14 @@ def probes_after():
     REC.patch(_service.InferenceService, "_infer_job", "job (response buffer + compute)")
     REC.patch(wire, "tensor_response", "encode: response buffer")
     REC.patch(wire, "model_infer_response", "encode: response buffer")
-    from server import _model
+    from server import _model, _shm
     REC.patch(_model.Model, "run", "compute: model.run (plan.run of every layer)")
+    REC.patch(_kserve.KServeServicer, "_infer_into_shared_memory", "shm: infer into the region (checks + infer + "
+              "response)")
+    REC.patch(_shm._Access, "input", "shm: input view (checks, fstat)")
+    REC.patch(_shm._Access, "output", "shm: output view (checks, fstat)")
+    REC.patch(_shm._Access, "verify", "shm: verify (fstat)")
+    REC.patch(_shm.SharedMemoryRegistry, "use", "shm: use (lookup)")
     original_job = _service.InferenceService._timed_job
 
     last = [None]
@@ -222,6 +229,23 @@ def _requests(rng, shape, model, datatype_contents):
          if typed is not None else [])
 
 
+def _shm_request(target, rng, shape, model, regions):
+    """ModelInfer bytes whose input and output are in a system shared-memory region registered with the server
+    (Triton's extension, as benchmarks/batching.py's shm rows send it): the input is written there once."""
+    import numpy as np
+    from client._shm import SharedMemoryRegion, infer_request
+    from convproto.inference import grpc_service_pb2 as pb
+    x = rng.standard_normal(shape).astype(np.float32)
+    region = SharedMemoryRegion(2 * x.nbytes + 4096)
+    regions.append(region)
+    import grpc
+    with grpc.insecure_channel(target) as channel:
+        channel.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister")(
+            pb.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key,
+                                                 byte_size=region.nbytes).SerializeToString(), timeout=30)
+    return infer_request(model, x, region).SerializeToString()
+
+
 def _drive(target, method, request, calls, warmup, pause, workdir):
     path = os.path.join(workdir, "request.bin")
     with open(path, "wb") as f:
@@ -257,7 +281,8 @@ def main(argv=None):
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra `python -m server` flag (repeat: --server-arg=--omp-threads --server-arg=1)")
     p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="only these workloads")
-    p.add_argument("--apis", nargs="+", choices=("Infer", "ModelInfer raw", "ModelInfer typed"), help="only these APIs")
+    p.add_argument("--apis", nargs="+", choices=("Infer", "ModelInfer raw", "ModelInfer typed", "ModelInfer shm"),
+                   help="only these APIs")
     args = p.parse_args(argv)
     # As `python -m server` does (server.__main__.configure_openmp), before convcore starts the OpenMP runtime: the
     # server's wait policy, not libgomp's default spin, unless the environment sets one.
@@ -306,10 +331,15 @@ def main(argv=None):
                                      "activation": "relu"}])
 
     results = []
+    regions = []  # system shared-memory regions of the "ModelInfer shm" rows, unlinked at the end
     for workload, (shape, model) in WORKLOADS.items():
         if args.workloads and workload not in args.workloads:
             continue
-        for api, method, request in _requests(rng, shape, model, workload == "small"):
+        requests = _requests(rng, shape, model, workload == "small")
+        if workload != "small" and (not args.apis or "ModelInfer shm" in args.apis):
+            requests.append(("ModelInfer shm", "/inference.GRPCInferenceService/ModelInfer",
+                             _shm_request(f"127.0.0.1:{port}", rng, shape, model, regions)))
+        for api, method, request in requests:
             if args.apis and api not in args.apis:
                 continue
             echo_times, echo_use = _drive(f"127.0.0.1:{echo_port}", ECHO, request, args.calls, args.warmup,
@@ -338,6 +368,8 @@ def main(argv=None):
                   f"{row['jobs on another RPC thread than the previous']:.0%} of jobs) | {steps}", flush=True)
     server.stop(1).wait()
     echo.stop(1).wait()
+    for region in regions:
+        region.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"layout": args.layout, "calls": args.calls, "results": results}, f, indent=1)
