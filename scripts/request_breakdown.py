@@ -8,8 +8,9 @@ protobuf work on the client side) one at a time, with a pause before each, like 
 Before the calls it wraps the server's own functions with timers ("probes", listed per code layout in `PROBES`), so
 each step is measured inside the real request path; a probe adds ~1 µs per call. Workloads (issue 10): small =
 3x3 16->16 on 1x16x32x32, medium = 3x3 64->64 on 1x64x56x56, batch-8 = the same on 8x64x56x56; same padding, bias,
-relu, float32 NCHW, weights registered. APIs: ConvService/Infer, KServe ModelInfer with raw_input_contents, and
-ModelInfer with typed contents (fp32_contents; small only, as a client would not send MiBs of typed floats).
+relu, float32 NCHW, weights registered. APIs: ConvService/Infer, KServe ModelInfer with raw_input_contents,
+ModelInfer with typed contents (fp32_contents; small only, as a client would not send MiBs of typed floats), and
+ModelInfer with input and output in a system shared-memory region (medium and batch-8).
 
 Reported per (workload, API), medians over the calls in ms: the client's round trip, the server's CPU per request
 (process CPU time / calls), gRPC's deserialize and serialize (our (de)serializer functions, timed where gRPC calls
@@ -109,10 +110,13 @@ def timing_interceptor():
             handler = continuation(details)
             if handler is None or handler.unary_unary is None:
                 return handler
+            # A handler registered without a (de)serializer parses the request itself (then it is in "handler").
             return grpc.unary_unary_rpc_method_handler(
                 REC.wrap("handler (wrapper + servicer)", handler.unary_unary),
-                request_deserializer=REC.wrap("grpc deserialize", handler.request_deserializer),
-                response_serializer=REC.wrap("grpc serialize", handler.response_serializer))
+                request_deserializer=(REC.wrap("grpc deserialize", handler.request_deserializer)
+                                      if handler.request_deserializer is not None else None),
+                response_serializer=(REC.wrap("grpc serialize", handler.response_serializer)
+                                     if handler.response_serializer is not None else None))
     return Timing()
 
 
@@ -170,15 +174,38 @@ def probes_after():
     REC.patch(_service.InferenceService, "_infer_job", "job (response buffer + compute)")
     REC.patch(wire, "tensor_response", "encode: response buffer")
     REC.patch(wire, "model_infer_response", "encode: response buffer")
+    from server import _model, _shm
+    REC.patch(_model.Model, "run", "compute: model.run (plan.run of every layer)")
+    REC.patch(_kserve.KServeServicer, "_infer_into_shared_memory", "shm: infer into the region (checks + infer + "
+              "response)")
+    REC.patch(_shm._Access, "input", "shm: input view (checks, fstat)")
+    REC.patch(_shm._Access, "output", "shm: output view (checks, fstat)")
+    REC.patch(_shm._Access, "verify", "shm: verify (fstat)")
+    REC.patch(_shm.SharedMemoryRegistry, "use", "shm: use (lookup)")
+    original_job = _service.InferenceService._timed_job
+
+    last = [None]
+
+    def timed_job(self, token, threads, *args):  # CPU units held: how many threads the job got, and on which thread
+        REC.add(f"job threads granted ({threads})", 0.0)
+        ident = threading.get_ident()
+        # libgomp keeps one pool of OpenMP workers per master thread: a call computed on another RPC thread than
+        # the previous one wakes workers that have slept longer (see README, threading model).
+        REC.add("job on another RPC thread than the previous job", float(ident != last[0]))
+        REC.add("job RPC thread", float(ident))
+        last[0] = ident
+        return original_job(self, token, threads, *args)
+    _service.InferenceService._timed_job = timed_job
 
 
 PROBES = {"before": probes_before, "after": probes_after}
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def _cpu():
+def _usage():
+    """(CPU seconds, minor page faults, voluntary, involuntary context switches) of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return (r.ru_utime + r.ru_stime, r.ru_minflt, r.ru_nvcsw, r.ru_nivcsw)
 
 
 def _requests(rng, shape, model, datatype_contents):
@@ -202,6 +229,23 @@ def _requests(rng, shape, model, datatype_contents):
          if typed is not None else [])
 
 
+def _shm_request(target, rng, shape, model, regions):
+    """ModelInfer bytes whose input and output are in a system shared-memory region registered with the server
+    (Triton's extension, as benchmarks/batching.py's shm rows send it): the input is written there once."""
+    import numpy as np
+    from client._shm import SharedMemoryRegion, infer_request
+    from convproto.inference import grpc_service_pb2 as pb
+    x = rng.standard_normal(shape).astype(np.float32)
+    region = SharedMemoryRegion(2 * x.nbytes + 4096)
+    regions.append(region)
+    import grpc
+    with grpc.insecure_channel(target) as channel:
+        channel.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister")(
+            pb.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key,
+                                                 byte_size=region.nbytes).SerializeToString(), timeout=30)
+    return infer_request(model, x, region).SerializeToString()
+
+
 def _drive(target, method, request, calls, warmup, pause, workdir):
     path = os.path.join(workdir, "request.bin")
     with open(path, "wb") as f:
@@ -215,15 +259,16 @@ def _drive(target, method, request, calls, warmup, pause, workdir):
         raise RuntimeError(f"client failed during warm-up: {line!r}")
     REC.reset()
     REC.on = True
-    cpu0 = _cpu()
+    usage0 = _usage()
     proc.stdin.write("go\n")
     proc.stdin.flush()
     times = json.loads(proc.stdout.readline())
-    cpu = _cpu() - cpu0
+    usage = [(b - a) / calls for a, b in zip(usage0, _usage())]
     REC.on = False
     proc.wait(30)
-    # The pauses are idle time of this process (grpc's pollers use a little); CPU per request is the whole delta.
-    return times, cpu / calls
+    # The pauses are idle time of this process (grpc's pollers use a little); CPU per request is the whole delta,
+    # and so are the page faults and context switches per request (every thread of the process).
+    return times, usage
 
 
 def main(argv=None):
@@ -235,7 +280,22 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra `python -m server` flag (repeat: --server-arg=--omp-threads --server-arg=1)")
+    p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="only these workloads")
+    p.add_argument("--apis", nargs="+", choices=("Infer", "ModelInfer raw", "ModelInfer typed", "ModelInfer shm"),
+                   help="only these APIs")
     args = p.parse_args(argv)
+    # As `python -m server` does (server.__main__.configure_openmp), before convcore starts the OpenMP runtime: the
+    # server's wait policy, not libgomp's default spin, unless the environment sets one.
+    policy = None
+    if "--omp-wait" in args.server_arg:
+        policy = args.server_arg[args.server_arg.index("--omp-wait") + 1]
+    elif any(a.startswith("--omp-wait=") for a in args.server_arg):
+        policy = next(a for a in args.server_arg if a.startswith("--omp-wait=")).split("=", 1)[1]
+    if policy is not None or not (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")):
+        os.environ["OMP_WAIT_POLICY"] = policy or "passive"
+        os.environ.pop("GOMP_SPINCOUNT", None)
+    print(f"OpenMP: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
 
     import concurrent.futures
 
@@ -244,7 +304,10 @@ def main(argv=None):
 
     from server import create_server
     from server.__main__ import parse_args
+    from server._compute import configure_allocator
     from client import ConvClient
+
+    print(f"allocator: {configure_allocator()}", flush=True)  # as `python -m server` does
 
     workdir = tempfile.mkdtemp(prefix="breakdown-")
     _, config, _, _ = parse_args(["--model-repository", os.path.join(workdir, "models"), *args.server_arg])
@@ -268,23 +331,45 @@ def main(argv=None):
                                      "activation": "relu"}])
 
     results = []
+    regions = []  # system shared-memory regions of the "ModelInfer shm" rows, unlinked at the end
     for workload, (shape, model) in WORKLOADS.items():
-        for api, method, request in _requests(rng, shape, model, workload == "small"):
-            echo_times, echo_cpu = _drive(f"127.0.0.1:{echo_port}", ECHO, request, args.calls, args.warmup,
+        if args.workloads and workload not in args.workloads:
+            continue
+        requests = _requests(rng, shape, model, workload == "small")
+        if workload != "small" and (not args.apis or "ModelInfer shm" in args.apis):
+            requests.append(("ModelInfer shm", "/inference.GRPCInferenceService/ModelInfer",
+                             _shm_request(f"127.0.0.1:{port}", rng, shape, model, regions)))
+        for api, method, request in requests:
+            if args.apis and api not in args.apis:
+                continue
+            echo_times, echo_use = _drive(f"127.0.0.1:{echo_port}", ECHO, request, args.calls, args.warmup,
                                           args.pause, workdir)
-            times, cpu = _drive(f"127.0.0.1:{port}", method, request, args.calls, args.warmup, args.pause, workdir)
+            times, use = _drive(f"127.0.0.1:{port}", method, request, args.calls, args.warmup, args.pause, workdir)
             row = {"workload": workload, "api": api, "request_mib": len(request) / (1 << 20),
                    "round trip": statistics.median(times) * 1e3, "echo round trip": statistics.median(echo_times) * 1e3,
-                   "server CPU / request": cpu * 1e3, "echo CPU / request": echo_cpu * 1e3,
-                   "steps": {k: statistics.median(v) * 1e3 for k, v in REC.samples.items()},
+                   "round trip p90": sorted(times)[9 * len(times) // 10] * 1e3,
+                   "server CPU / request": use[0] * 1e3, "echo CPU / request": echo_use[0] * 1e3,
+                   "minor faults / request": use[1], "echo minor faults / request": echo_use[1],
+                   "context switches / request": use[2] + use[3], "echo context switches / request": echo_use[2] + echo_use[3],
+                   "steps": {k: statistics.median(v) * 1e3 for k, v in REC.samples.items()
+                             if k not in ("job RPC thread", "job on another RPC thread than the previous job")},
+                   "distinct RPC threads computing": len(set(REC.samples.get("job RPC thread", []))),
+                   "jobs on another RPC thread than the previous": statistics.mean(
+                       REC.samples.get("job on another RPC thread than the previous job", [0.0])),
                    "counts": {k: len(v) for k, v in REC.samples.items()}}
             results.append(row)
-            steps = ", ".join(f"{k} {v:.3f}" for k, v in row["steps"].items())
-            print(f"{workload:8s} {api:17s} rtt {row['round trip']:.3f} (echo {row['echo round trip']:.3f}) "
-                  f"cpu/req {row['server CPU / request']:.3f} (echo {row['echo CPU / request']:.3f}) | {steps}",
-                  flush=True)
+            steps = ", ".join(f"{k} {v:.3f}" if not k.startswith("job threads") else f"{k} x{row['counts'][k]}"
+                              for k, v in row["steps"].items())
+            print(f"{workload:8s} {api:17s} rtt {row['round trip']:.3f} p90 {row['round trip p90']:.3f} "
+                  f"(echo {row['echo round trip']:.3f}) cpu/req {row['server CPU / request']:.3f} "
+                  f"(echo {row['echo CPU / request']:.3f}) minflt/req {use[1]:.0f} (echo {echo_use[1]:.0f}) "
+                  f"csw/req {use[2] + use[3]:.1f} (echo {echo_use[2] + echo_use[3]:.1f}) "
+                  f"RPC threads computing {row['distinct RPC threads computing']} (thread changed "
+                  f"{row['jobs on another RPC thread than the previous']:.0%} of jobs) | {steps}", flush=True)
     server.stop(1).wait()
     echo.stop(1).wait()
+    for region in regions:
+        region.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"layout": args.layout, "calls": args.calls, "results": results}, f, indent=1)

@@ -104,7 +104,8 @@ def main(argv):
                 print(f"{workload} C={c} {k:14s} req/s {statistics.median(v[0] for v in res[k]):7.1f}  "
                       f"p50 {statistics.median(v[2] for v in res[k]):6.2f} ms  cpu/req server "
                       f"{statistics.median(v[1] for v in res[k]):6.3f} client {statistics.median(v[4] for v in res[k]):6.3f} ms"
-                      f"  minflt/req {statistics.median(v[5] for v in res[k]):5.0f}  ÷{labels[0]} {q2:.3f} [{q1:.3f}-{q3:.3f}]  range {min(v[0] for v in res[k]):.0f}-"
+                      f"  minflt/req {statistics.median(v[5] for v in res[k]):5.0f}"
+                      f"  ÷{labels[0]} {q2:.3f} [{q1:.3f}-{q3:.3f}]  range {min(v[0] for v in res[k]):.0f}-"
                       f"{max(v[0] for v in res[k]):.0f} errors {sum(len(v[3]) for v in res[k])}", flush=True)
             if len(labels) > 2:  # every pair, each a median of per-round ratios
                 print(f"{workload} C={c} pairs: " + ", ".join(

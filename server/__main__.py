@@ -149,7 +149,9 @@ def main(argv=None):
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     omp_wait = configure_openmp(args.omp_wait)
     from ._app import create_server  # imports convcore, which starts the OpenMP runtime: after configure_openmp
+    from ._compute import configure_allocator
     log.info("OpenMP wait policy: %s", omp_wait)
+    log.info("allocator: %s", configure_allocator())
     stop = threading.Event()
     received = []
 
