@@ -194,6 +194,41 @@ def test_depthwise_memory_layouts(level, view, data_format):
                    data_format=data_format)
 
 
+def _at_offset(a, elems):
+    """A copy of `a` that starts `elems` elements past a 64-byte boundary (numpy itself puts large arrays 16 bytes
+    past one)."""
+    raw = np.zeros(a.nbytes + 128, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + elems * a.itemsize
+    v = np.frombuffer(raw.data, dtype=a.dtype, count=a.size, offset=start).reshape(a.shape)
+    v.setflags(write=True)
+    v[...] = a
+    assert v.ctypes.data % 64 == elems * a.itemsize % 64
+    return v
+
+
+@pytest.mark.parametrize("geometry", ["3x3 same", "3x3 s2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_depthwise_nhwc_vector_offsets(level, geometry, dtype):
+    """NHWC inputs at every element offset from a 64-byte line, outputs at other offsets: when a pixel's channels
+    fill whole 512-bit vectors the AVX-512 row kernel peels the channels before the first aligned vector into a
+    masked block of their own (cc_dw_nhwc_row). Every offset must give the reference's values and the same bits
+    (each channel is summed in the same order whatever block it falls in)."""
+    rank, spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(f"offsets {geometry} {np.dtype(dtype)}".encode()))
+    lanes = 64 // np.dtype(dtype).itemsize
+    for c in (lanes, 3 * lanes, 9 * lanes):   # one vector; a pair + one; 4 pairs + one (C=144 as float32)
+        x, w, b = _arrays(rng, rank, (6, 19), ksize, c, 1, "channels_last", dtype)
+        kw = dict(strides=strides, dilation=dilation, padding=padding, groups=c, data_format="channels_last",
+                  activation="relu")
+        first = _check(x, w, b, f"{level} {geometry} C={c} aligned", **kw)
+        for off in range(1, lanes):
+            xv = _at_offset(x, off)
+            out = _at_offset(np.zeros_like(first), (off * 5 + 3) % lanes)
+            y = convcore.conv(xv, w, b, out=out, **kw)
+            assert y is out
+            assert np.array_equal(y, first), f"{level} {geometry} C={c} input offset {off}"
+
+
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_depthwise_thread_count_independent(level, data_format, threads_for_any_size):
     """Each output is computed by one thread in a fixed order: 1, 2 and 3 threads give identical bits, and so does
