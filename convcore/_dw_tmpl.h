@@ -516,9 +516,13 @@ static CC_TARGET void CC_FN(cc_dw_nhwc_row)(const cc_dwg* g, const CC_T* xn, con
                                             CC_T* orow, ptrdiff_t od, ptrdiff_t oh)
 {
     const size_t vb = CC_L * sizeof(CC_T);
+    /* The peel aligns the input loads, or, when the row streams, the output stores (non-temporal stores need
+     * aligned vectors and save more than the loads lose: an allocator may place input and output at different
+     * offsets from a line, as glibc's heap did under the benchmark's mallopt). */
+    const uintptr_t abase = g->stream ? (uintptr_t)orow : (uintptr_t)xn;
     ptrdiff_t peel = 0;
-    if (vb == 64 && (g->C * sizeof(CC_T)) % vb == 0 && (uintptr_t)xn % sizeof(CC_T) == 0)
-        peel = (ptrdiff_t)(((vb - (uintptr_t)xn % vb) % vb) / sizeof(CC_T));
+    if (vb == 64 && (g->C * sizeof(CC_T)) % vb == 0 && abase % sizeof(CC_T) == 0)
+        peel = (ptrdiff_t)(((vb - abase % vb) % vb) / sizeof(CC_T));
     const int nt = g->stream && (g->Cout * sizeof(CC_T)) % vb == 0 && (uintptr_t)(orow + peel) % vb == 0;
     if (peel > 0)
         CC_FN(cc_dw_nhwc_row_body)(g, xn, w, bias, orow, od, oh, peel, nt);
