@@ -61,11 +61,13 @@ def _extensions():
         opt += ["-march=native"]
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     exts = []
+    headers = sorted(glob.glob(os.path.join("convcore", "*.h")))
     for pyx in sorted(glob.glob(os.path.join("convcore", "*.pyx"))):
         name = pyx[:-4].replace(os.sep, ".")
+        # depends: the C kernels are headers the .pyx includes; without them a header edit left the old .so in place.
         exts.append(Extension(name, [pyx], include_dirs=[np.get_include()], define_macros=macros,
                               extra_compile_args=opt + omp_compile + ["-Wno-unused-function"],
-                              extra_link_args=omp_link))
+                              extra_link_args=omp_link, depends=headers))
     # The SIGBUS guard of the server's shared-memory mappings (server/_shm.py); plain C, no Cython.
     shm_guard = Extension("server._shmguard", [os.path.join("server", "_shmguard.c")], extra_compile_args=["-O2"])
     directives = {

@@ -8,10 +8,11 @@ defaults are the smallest of the x86-64 cores we run on (32 KiB L1d, 512 KiB L2)
 import functools
 import os
 
-__all__ = ["cache_sizes", "k_block", "pixel_tile"]
+__all__ = ["cache_sizes", "l3_size", "k_block", "pixel_tile"]
 
 DEFAULT_L1D = 32 * 1024
 DEFAULT_L2 = 512 * 1024
+DEFAULT_L3 = 8 * 1024 * 1024
 #: Fraction of L1d given to the K block of the panel the micro-kernel re-reads for every tile.
 L1_SHARE = 0.75
 #: Fraction of L2 given to a work item's gathered input block (the rest holds the weights block and the output tile).
@@ -49,6 +50,27 @@ def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
         elif level == 2 and kind in ("Data", "Unified"):
             l2 = size
     return l1d, l2
+
+
+@functools.lru_cache(maxsize=None)
+def l3_size(root="/sys/devices/system/cpu/cpu0/cache"):
+    """The L3 (last-level) cache size in bytes of cpu0 from sysfs, DEFAULT_L3 when it cannot be read."""
+    try:
+        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
+    except OSError:
+        return DEFAULT_L3
+    for entry in entries:
+        try:
+            with open(os.path.join(root, entry, "level")) as f:
+                if int(f.read()) != 3:
+                    continue
+            with open(os.path.join(root, entry, "size")) as f:
+                size = _parse_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if size > 0:
+            return size
+    return DEFAULT_L3
 
 
 def k_block(nr, itemsize, ck):

@@ -70,6 +70,9 @@ typedef struct {
     ptrdiff_t C, Cout, D, H, W, OD, OH, OW;
     ptrdiff_t KD, KH, KW, SD, SH, SW, DD, DH, DW, PD, PH, PW;
     int act;
+    /* NHWC rows only: the call's data is too big to stay in the cache (the caller decides, _kernels.pyx), so the
+     * row kernel prefetches its new input row and writes aligned output vectors with non-temporal stores. */
+    int stream;
 } cc_dwg;
 
 /* Output positions o with 0 <= o*stride + koff < size, as [lo, hi) clipped to [0, out_size). */
@@ -98,6 +101,7 @@ static inline void cc_dw_valid_range(ptrdiff_t koff, ptrdiff_t stride, ptrdiff_t
 /* NCHW kernels keep one set of column masks per kernel column on the stack: wider kernels run the portable loop. */
 #define CC_DW_KWMAX 32
 
+#define CC_SFENCE() _mm_sfence()
 #define CC_DW_T512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 #define CC_DW_T256 __attribute__((target("avx2,fma")))
 
@@ -143,6 +147,7 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_LOAD(p) _mm512_loadu_ps(p)
 #define CC_MLOAD(p, m) _mm512_maskz_loadu_ps((m), (p))
 #define CC_STORE(p, v) _mm512_storeu_ps((p), (v))
+#define CC_NTSTORE(p, v) _mm512_stream_ps((p), (v))
 #define CC_MSTORE(p, m, v) _mm512_mask_storeu_ps((p), (m), (v))
 #define CC_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define CC_MAX(a, b) _mm512_max_ps((a), (b))
@@ -170,6 +175,7 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_LOAD(p) _mm512_loadu_pd(p)
 #define CC_MLOAD(p, m) _mm512_maskz_loadu_pd((m), (p))
 #define CC_STORE(p, v) _mm512_storeu_pd((p), (v))
+#define CC_NTSTORE(p, v) _mm512_stream_pd((p), (v))
 #define CC_MSTORE(p, m, v) _mm512_mask_storeu_pd((p), (m), (v))
 #define CC_FMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define CC_MAX(a, b) _mm512_max_pd((a), (b))
@@ -196,6 +202,7 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_LOAD(p) _mm256_loadu_ps(p)
 #define CC_MLOAD(p, m) _mm256_maskload_ps((p), (m))
 #define CC_STORE(p, v) _mm256_storeu_ps((p), (v))
+#define CC_NTSTORE(p, v) _mm256_stream_ps((p), (v))
 #define CC_MSTORE(p, m, v) _mm256_maskstore_ps((p), (m), (v))
 #define CC_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define CC_MAX(a, b) _mm256_max_ps((a), (b))
@@ -222,6 +229,7 @@ static inline __attribute__((always_inline)) CC_DW_T256 __m256i cc_dw_mask4x64(p
 #define CC_LOAD(p) _mm256_loadu_pd(p)
 #define CC_MLOAD(p, m) _mm256_maskload_pd((p), (m))
 #define CC_STORE(p, v) _mm256_storeu_pd((p), (v))
+#define CC_NTSTORE(p, v) _mm256_stream_pd((p), (v))
 #define CC_MSTORE(p, m, v) _mm256_maskstore_pd((p), (m), (v))
 #define CC_FMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define CC_MAX(a, b) _mm256_max_pd((a), (b))

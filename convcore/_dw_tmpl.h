@@ -22,6 +22,18 @@
 #define CC_CAT(a, b) CC_CAT_(a, b)
 #define CC_FN(name) CC_CAT(name, CC_SFX)
 #define CC_INL static inline __attribute__((always_inline)) CC_TARGET
+/* Keep v in a register from here on: an empty asm that "modifies" it, so the compiler cannot fold its later uses
+ * back into memory operands. GCC 12 did that to the 3-tap tile's input columns (each loaded again for every FMA that
+ * uses it, one load per FMA: the kernel was load-bound); with the columns pinned, 1.24x on one core (Zen 4). */
+#define CC_DW_REG(v) __asm__("" : "+v"(v))
+/* A full-vector NHWC output store: non-temporal when the row streams (`nt`, see cc_dw_nhwc_row; aligned there). */
+#define CC_DW_ST(p, v)                                                                                                \
+    do {                                                                                                            \
+        if (nt)                                                                                                     \
+            CC_NTSTORE((p), (v));                                                                                   \
+        else                                                                                                        \
+            CC_STORE((p), (v));                                                                                     \
+    } while (0)
 
 /* relu (act 1) and relu6 (act 2) in registers; NaN passes through (it is the 2nd operand of max/min). */
 CC_INL CC_V CC_FN(cc_dw_act)(CC_V a, int act)
@@ -283,12 +295,12 @@ static CC_TARGET void CC_FN(cc_dw_nchw_plane)(const cc_dwg* g, const CC_T* xp, c
         if (masked)                                                                                                 \
             CC_MSTORE(o + p * Cout + v * CC_L, cm, r_);                                                             \
         else                                                                                                        \
-            CC_STORE(o + p * Cout + v * CC_L, r_);                                                                  \
+            CC_DW_ST(o + p * Cout + v * CC_L, r_);                                                                  \
     }
 
 CC_INL void CC_FN(cc_dw_nhwc_tile)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
                                    ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t c0, ptrdiff_t cr,
-                                   const int np, const int nc, const int masked, const int checkw)
+                                   const int np, const int nc, const int masked, const int checkw, const int nt)
 {
     const ptrdiff_t C = g->C, Cout = g->Cout, step = g->SW * g->C;
     CC_M cm = CC_MASK(0, cr);
@@ -348,19 +360,21 @@ CC_INL void CC_FN(cc_dw_nhwc_tile)(const cc_dwg* g, const CC_T* xn, const CC_T* 
     } else {                                                                                                        \
         x0 = CC_DW_LD(xr + (j) * C);                                                                                \
         if (nc > 1) x1 = CC_LOAD(xr + (j) * C + CC_L);                                                              \
-    }
+    }                                                                                                               \
+    CC_DW_REG(x0);                                                                                                  \
+    if (nc > 1) CC_DW_REG(x1);
 #define CC_DW_OUT3(p)                                                                                                 \
     if (np > p) {                                                                                                   \
         if (masked) {                                                                                               \
             CC_MSTORE(o + p * Cout, cm, CC_FN(cc_dw_act)(a##p##0, g->act));                                         \
         } else {                                                                                                    \
-            CC_STORE(o + p * Cout, CC_FN(cc_dw_act)(a##p##0, g->act));                                              \
-            if (nc > 1) CC_STORE(o + p * Cout + CC_L, CC_FN(cc_dw_act)(a##p##1, g->act));                           \
+            CC_DW_ST(o + p * Cout, CC_FN(cc_dw_act)(a##p##0, g->act));                                              \
+            if (nc > 1) CC_DW_ST(o + p * Cout + CC_L, CC_FN(cc_dw_act)(a##p##1, g->act));                           \
         }                                                                                                           \
     }
 CC_INL void CC_FN(cc_dw_nhwc_tile3)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
                                     ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t c0, ptrdiff_t cr,
-                                    const int np, const int nc, const int masked, const int checkw)
+                                    const int np, const int nc, const int masked, const int checkw, const int nt)
 {
     const ptrdiff_t C = g->C, Cout = g->Cout, iw0 = ow - g->PW;
     CC_M cm = CC_MASK(0, cr);
@@ -410,65 +424,112 @@ CC_INL void CC_FN(cc_dw_nhwc_tile3)(const cc_dwg* g, const CC_T* xn, const CC_T*
 #undef CC_DW_OUT3
 
 CC_INL void CC_FN(cc_dw_nhwc_pixels3)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
-                                      ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, const int np, const int checkw)
+                                      ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t peel, const int np,
+                                      const int checkw, const int nt)
 {
     ptrdiff_t c = 0, C = g->C;
+    if (peel > 0) {
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, 0, peel, np, 1, 1, checkw, nt);
+        c = peel;
+    }
     for (; c + CC_NCV3 * CC_L <= C; c += CC_NCV3 * CC_L)
-        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, CC_NCV3, 0, checkw);
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, CC_NCV3, 0, checkw, nt);
     for (; c + CC_L <= C; c += CC_L)
-        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, 1, 0, checkw);
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, 1, 0, checkw, nt);
     if (c < C)
-        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, C - c, np, 1, 1, checkw);
+        CC_FN(cc_dw_nhwc_tile3)(g, xn, w, bias, o, od, oh, ow, c, C - c, np, 1, 1, checkw, nt);
 }
 
-/* All channels of np pixels: CC_NCV vectors at a time, then single vectors, then the masked remainder. */
+/* All channels of np pixels: the `peel` channels that align the loads (masked, see cc_dw_nhwc_row), then CC_NCV
+ * vectors at a time, single vectors, the masked remainder. */
 CC_INL void CC_FN(cc_dw_nhwc_pixels)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias, CC_T* o,
-                                     ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, const int np, const int checkw)
+                                     ptrdiff_t od, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t peel, const int np,
+                                     const int checkw, const int nt)
 {
     ptrdiff_t c = 0, C = g->C;
+    if (peel > 0) {
+        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, 0, peel, np, 1, 1, checkw, nt);
+        c = peel;
+    }
     for (; c + CC_NCV * CC_L <= C; c += CC_NCV * CC_L)
-        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, CC_NCV, 0, checkw);
+        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, CC_NCV, 0, checkw, nt);
     for (; c + CC_L <= C; c += CC_L)
-        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, 1, 0, checkw);
+        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, c, CC_L, np, 1, 0, checkw, nt);
     if (c < C)
-        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, c, C - c, np, 1, 1, checkw);
+        CC_FN(cc_dw_nhwc_tile)(g, xn, w, bias, o, od, oh, ow, c, C - c, np, 1, 1, checkw, nt);
 }
 
 /* One output row (od, oh), channel multiplier 1: xn is the batch item's input (D, H, W, C), orow the row's output.
  * Runs of 8 or 4 pixels whose taps all fall inside the row take an unchecked tile (the 3-tap one when it applies),
- * the others (borders, the row's
- * last pixels) go one at a time with each tap's column tested. */
-static CC_TARGET void CC_FN(cc_dw_nhwc_row)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias,
-                                            CC_T* orow, ptrdiff_t od, ptrdiff_t oh)
+ * the others (borders, the row's last pixels) go one at a time with each tap's column tested.
+ * When a pixel's channels span whole vectors (C * sizeof(T) a multiple of the vector size) but the input is not
+ * vector-aligned (numpy puts large arrays 16 bytes past a 64-byte line), every vector load would straddle two cache
+ * lines; the first `peel` channels then go as a masked block of their own, and every later vector of every pixel
+ * starts on a vector boundary (one block more per pixel: C=144 at 16 bytes off, 144 -> 136 us on one core, Zen 4).
+ * 512-bit vectors only: half of the 256-bit loads straddle, and AVX2 masked stores are slow on AMD (measured 179 ->
+ * 207 us with the peel). */
+CC_INL void CC_FN(cc_dw_nhwc_row_body)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias,
+                                       CC_T* orow, ptrdiff_t od, ptrdiff_t oh, ptrdiff_t peel, const int nt)
 {
     const ptrdiff_t OW = g->OW, reach = (g->KW - 1) * g->DW - g->PW;
     const int three = g->KW == 3 && g->SW == 1 && g->DW == 1;
+    /* The input row only the last kernel row reads: the one no earlier output row brought into the cache. */
+    const ptrdiff_t ihl = oh * g->SH - g->PH + (g->KH - 1) * g->DH, idl = od * g->SD - g->PD + (g->KD - 1) * g->DD;
+    const CC_T* xl = g->stream && (size_t)ihl < (size_t)g->H && (size_t)idl < (size_t)g->D ?
+        xn + (idl * g->H + ihl) * g->W * g->C : NULL;
     ptrdiff_t ow = 0;
     while (ow < OW) {
+        if (xl) {   /* streaming: fetch (to L2) the new input row's pixels of the next 8 output pixels */
+            ptrdiff_t ia = (ow + 8) * g->SW - g->PW, ib = ia + 8 * g->SW + (g->KW - 1) * g->DW;
+            ia = ia < 0 ? 0 : ia;
+            ib = ib > g->W ? g->W : ib;
+            for (const char* q = (const char*)(xl + ia * g->C); q < (const char*)(xl + ib * g->C); q += 64)
+                __builtin_prefetch(q, 0, 1);
+        }
         if (three && ow + 8 <= OW) {   /* the 3-tap tile, its columns tested only at the row's borders */
             if (ow - g->PW >= 0 && ow + 7 + reach < g->W)
-                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 8, 0);
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, peel, 8, 0, nt);
             else
-                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 8, 1);
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, peel, 8, 1, nt);
             ow += 8;
             continue;
         }
         if (three && ow + 4 <= OW) {
             if (ow - g->PW >= 0 && ow + 3 + reach < g->W)
-                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 4, 0);
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, peel, 4, 0, nt);
             else
-                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, 4, 1);
+                CC_FN(cc_dw_nhwc_pixels3)(g, xn, w, bias, orow, od, oh, ow, peel, 4, 1, nt);
             ow += 4;
             continue;
         }
         if (ow + 4 <= OW && ow * g->SW - g->PW >= 0 && (ow + 3) * g->SW + reach < g->W) {
-            CC_FN(cc_dw_nhwc_pixels)(g, xn, w, bias, orow, od, oh, ow, 4, 0);
+            CC_FN(cc_dw_nhwc_pixels)(g, xn, w, bias, orow, od, oh, ow, peel, 4, 0, nt);
             ow += 4;
         } else {
-            CC_FN(cc_dw_nhwc_pixels)(g, xn, w, bias, orow, od, oh, ow, 1, 1);
+            CC_FN(cc_dw_nhwc_pixels)(g, xn, w, bias, orow, od, oh, ow, peel, 1, 1, nt);
             ow += 1;
         }
     }
+}
+
+static CC_TARGET void CC_FN(cc_dw_nhwc_row)(const cc_dwg* g, const CC_T* xn, const CC_T* w, const CC_T* bias,
+                                            CC_T* orow, ptrdiff_t od, ptrdiff_t oh)
+{
+    const size_t vb = CC_L * sizeof(CC_T);
+    /* The peel aligns the input loads, or, when the row streams, the output stores (non-temporal stores need
+     * aligned vectors and save more than the loads lose: an allocator may place input and output at different
+     * offsets from a line, as glibc's heap did under the benchmark's mallopt). */
+    const uintptr_t abase = g->stream ? (uintptr_t)orow : (uintptr_t)xn;
+    ptrdiff_t peel = 0;
+    if (vb == 64 && (g->C * sizeof(CC_T)) % vb == 0 && abase % sizeof(CC_T) == 0)
+        peel = (ptrdiff_t)(((vb - abase % vb) % vb) / sizeof(CC_T));
+    const int nt = g->stream && (g->Cout * sizeof(CC_T)) % vb == 0 && (uintptr_t)(orow + peel) % vb == 0;
+    if (peel > 0)
+        CC_FN(cc_dw_nhwc_row_body)(g, xn, w, bias, orow, od, oh, peel, nt);
+    else   /* the aligned row without the peel's tests (measured 5% faster than one body for both) */
+        CC_FN(cc_dw_nhwc_row_body)(g, xn, w, bias, orow, od, oh, 0, nt);
+    if (nt)
+        CC_SFENCE();   /* non-temporal stores are weakly ordered: make them visible before the row is done */
 }
 
 /* ------------------------------------------------------------------------------------------ NHWC, multiplier > 1
@@ -568,6 +629,8 @@ static CC_TARGET void CC_FN(cc_dw_nhwc_mrow)(const cc_dwg* g, const CC_T* xn, co
 }
 
 #undef CC_INL
+#undef CC_DW_REG
+#undef CC_DW_ST
 #undef CC_FN
 #undef CC_CAT
 #undef CC_CAT_
@@ -584,6 +647,7 @@ static CC_TARGET void CC_FN(cc_dw_nhwc_mrow)(const cc_dwg* g, const CC_T* xn, co
 #undef CC_LOAD
 #undef CC_MLOAD
 #undef CC_STORE
+#undef CC_NTSTORE
 #undef CC_MSTORE
 #undef CC_FMA
 #undef CC_MAX

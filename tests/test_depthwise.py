@@ -194,6 +194,74 @@ def test_depthwise_memory_layouts(level, view, data_format):
                    data_format=data_format)
 
 
+def _at_offset(a, elems):
+    """A copy of `a` that starts `elems` elements past a 64-byte boundary (numpy itself puts large arrays 16 bytes
+    past one)."""
+    raw = np.zeros(a.nbytes + 128, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + elems * a.itemsize
+    v = np.frombuffer(raw.data, dtype=a.dtype, count=a.size, offset=start).reshape(a.shape)
+    v.setflags(write=True)
+    v[...] = a
+    assert v.ctypes.data % 64 == elems * a.itemsize % 64
+    return v
+
+
+@pytest.fixture(params=["cached", "streaming"])
+def stream(request):
+    """NHWC depthwise rows as for a call that fits the cache, or forced to stream (prefetch + non-temporal stores,
+    normally only above a quarter of the L3)."""
+    from convcore import _kernels
+    old = _kernels.set_depthwise_stream_bytes(0 if request.param == "streaming" else 1 << 62)
+    yield request.param
+    _kernels.set_depthwise_stream_bytes(old)
+
+
+@pytest.mark.parametrize("geometry", ["3x3 same", "3x3 s2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_depthwise_nhwc_vector_offsets(level, stream, geometry, dtype):
+    """NHWC inputs at every element offset from a 64-byte line, outputs at other offsets: when a pixel's channels
+    fill whole 512-bit vectors the AVX-512 row kernel peels the channels before the first aligned vector into a
+    masked block of their own (cc_dw_nhwc_row); streaming rows store the output with non-temporal stores where it is
+    vector-aligned (the same offset as the input) and plain ones elsewhere. Every offset must give the reference's
+    values and the same bits (each channel is summed in the same order whatever block it falls in)."""
+    rank, spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(f"offsets {geometry} {np.dtype(dtype)}".encode()))
+    lanes = 64 // np.dtype(dtype).itemsize
+    for c in (lanes, 3 * lanes, 9 * lanes):   # one vector; a pair + one; 4 pairs + one (C=144 as float32)
+        x, w, b = _arrays(rng, rank, (6, 19), ksize, c, 1, "channels_last", dtype)
+        kw = dict(strides=strides, dilation=dilation, padding=padding, groups=c, data_format="channels_last",
+                  activation="relu")
+        first = _check(x, w, b, f"{level} {geometry} C={c} aligned", **kw)
+        for off in range(0, lanes):
+            for out_off in (off, (off * 5 + 3) % lanes):
+                xv = _at_offset(x, off)
+                out = _at_offset(np.full_like(first, np.nan), out_off)
+                y = convcore.conv(xv, w, b, out=out, **kw)
+                assert y is out
+                assert np.array_equal(y, first), f"{level} {stream} {geometry} C={c} offsets {off}, {out_off}"
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_depthwise_nhwc_streaming_matches(level, geometry):
+    """The streaming NHWC rows (forced on these small layers) give the bits of the cached ones, every geometry,
+    channel count and multiplier of the matrix, both dtypes, and the reference's values."""
+    from convcore import _kernels
+    rank, spatial, ksize, strides, dilation, padding = GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(f"stream {geometry}".encode()))
+    for dtype in DTYPES:
+        for c, mult in CHANNELS + ((16, 1), (64, 1)):
+            x, w, b = _arrays(rng, rank, spatial, ksize, c, mult, "channels_last", dtype)
+            kw = dict(strides=strides, dilation=dilation, padding=padding, groups=c, data_format="channels_last")
+            old = _kernels.set_depthwise_stream_bytes(1 << 62)
+            try:
+                cached = convcore.conv(x, w, b, **kw)
+                _kernels.set_depthwise_stream_bytes(0)
+                streamed = _check(x, w, b, f"{level} {geometry} C={c} x{mult} {np.dtype(dtype)} streaming", **kw)
+            finally:
+                _kernels.set_depthwise_stream_bytes(old)
+            assert np.array_equal(streamed, cached), f"{level} {geometry} C={c} x{mult} {np.dtype(dtype)}"
+
+
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_depthwise_thread_count_independent(level, data_format, threads_for_any_size):
     """Each output is computed by one thread in a fixed order: 1, 2 and 3 threads give identical bits, and so does
