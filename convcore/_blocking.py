@@ -26,13 +26,13 @@ def _parse_size(text):
 
 
 @functools.lru_cache(maxsize=None)
-def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
-    """(L1 data, L2) sizes in bytes of cpu0, read from sysfs; the defaults for whatever cannot be read."""
-    l1d, l2 = DEFAULT_L1D, DEFAULT_L2
+def _sysfs_caches(root):
+    """{level: size in bytes} of cpu0's data and unified caches, read from sysfs; {} when none can be read."""
+    sizes = {}
     try:
         entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
     except OSError:
-        return l1d, l2
+        return sizes
     for entry in entries:
         try:
             with open(os.path.join(root, entry, "level")) as f:
@@ -43,34 +43,20 @@ def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
                 size = _parse_size(f.read())
         except (OSError, ValueError):
             continue
-        if size <= 0:
-            continue
-        if level == 1 and kind in ("Data", "Unified"):
-            l1d = size
-        elif level == 2 and kind in ("Data", "Unified"):
-            l2 = size
-    return l1d, l2
+        if size > 0 and kind in ("Data", "Unified"):
+            sizes[level] = size
+    return sizes
 
 
-@functools.lru_cache(maxsize=None)
+def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache"):
+    """(L1 data, L2) sizes in bytes of cpu0, read from sysfs; the defaults for whatever cannot be read."""
+    sizes = _sysfs_caches(root)
+    return sizes.get(1, DEFAULT_L1D), sizes.get(2, DEFAULT_L2)
+
+
 def l3_size(root="/sys/devices/system/cpu/cpu0/cache"):
     """The L3 (last-level) cache size in bytes of cpu0 from sysfs, DEFAULT_L3 when it cannot be read."""
-    try:
-        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
-    except OSError:
-        return DEFAULT_L3
-    for entry in entries:
-        try:
-            with open(os.path.join(root, entry, "level")) as f:
-                if int(f.read()) != 3:
-                    continue
-            with open(os.path.join(root, entry, "size")) as f:
-                size = _parse_size(f.read())
-        except (OSError, ValueError):
-            continue
-        if size > 0:
-            return size
-    return DEFAULT_L3
+    return _sysfs_caches(root).get(3, DEFAULT_L3)
 
 
 def k_block(nr, itemsize, ck):
