@@ -28,6 +28,7 @@ import numpy as np
 import convcore
 
 from ._errors import RequestCancelled
+from ._limits import blocking
 
 __all__ = ["BufferPool", "CancelToken", "ComputeExecutor", "configure_allocator"]
 
@@ -166,7 +167,7 @@ class ComputeExecutor:
         self._lock = threading.Lock()
         self._closed = False
 
-    def run(self, context, fn, *args, threads=None, label=""):
+    def run(self, context, fn, *args, threads=None, label="", light=False):
         """Run ``fn(token, granted, *args)`` for the RPC `context` on this thread once it holds CPU units.
 
         `threads` is the OpenMP threads the job would like (None: the team). It gets that many units when they are
@@ -175,6 +176,12 @@ class ComputeExecutor:
         queue. With none free it waits in FIFO order. `label` names the job in the metrics (the model name; "" for
         a one-off convolution). Raises RequestCancelled if the RPC ends before the job completes (the job is
         dropped if it is still waiting).
+
+        `light` (a one-thread job shorter than the call's own Python, see `server._service.LIGHT_JOB_FLOPS`): when
+        no unit is free, or jobs wait, it runs at once on one thread without a unit rather than wait. Waiting
+        would cost two thread wake-ups and GIL hand-offs, more than the job; running over the units oversubscribes
+        the cores by at most the RPC workers that take calls at once minus the units (`server._limits`: one on
+        2 cores), for ~0.1 ms. It never takes a unit from a waiting job, so jobs that wait are not starved.
         """
         if not context.is_active():
             raise RequestCancelled(_CANCELLED)
@@ -186,8 +193,10 @@ class ComputeExecutor:
                 raise RequestCancelled("the server is shutting down")
             waiter = None
             if self._free >= 1 and not self._waiters:
-                granted = min(units, self._free)
-                self._free -= granted
+                held = min(units, self._free)
+                self._free -= held
+            elif light:
+                held = 0  # runs without a unit (see above)
             else:
                 waiter = _Waiter(units)
                 self._waiters.append(waiter)
@@ -195,13 +204,15 @@ class ComputeExecutor:
             if not context.add_callback(token.cancel):
                 token.cancel()  # the RPC already terminated
         else:
-            granted = self._wait(context, token, waiter)
+            with blocking():  # this RPC worker sleeps: let another one take queued calls meanwhile
+                held = self._wait(context, token, waiter)
         started = time.perf_counter()
         try:
             token.check()
-            return fn(token, granted, *args)
+            return fn(token, held or 1, *args)
         finally:
-            self._release(granted)
+            if held:
+                self._release(held)
             if self._observe is not None:
                 self._observe(label, started - submitted, time.perf_counter() - started)
 

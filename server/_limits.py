@@ -14,9 +14,12 @@ import time
 
 import grpc
 
+import convcore
+
 from ._errors import LimitExceeded
 
-__all__ = ["AdmissionInterceptor", "BoundedContext", "CountingThreadPool", "NO_DEADLINE_SECONDS", "check_count"]
+__all__ = ["AdmissionInterceptor", "BoundedContext", "CountingThreadPool", "NO_DEADLINE_SECONDS", "blocking",
+           "check_count", "default_active_workers"]
 
 log = logging.getLogger("server")
 
@@ -33,9 +36,66 @@ def check_count(what, count, limit, flag):
                             f"raises it)")
 
 
+#: Per-thread state of the pool's workers (a `_Worker`); absent on every other thread.
+_worker = threading.local()
+
+
+class _Worker:
+    """A pool worker's blocking-section depth; the context manager `blocking()` returns on that worker."""
+
+    __slots__ = ("pool", "depth")
+
+    def __init__(self, pool):
+        self.pool, self.depth = pool, 0
+
+    def __enter__(self):
+        self.depth += 1
+        if self.depth == 1:
+            self.pool._block()
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            self.pool._unblock()
+        return False
+
+
+class _NotAWorker:
+    """`blocking()` on a thread that is not a pool worker: nothing to hand over."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NOT_A_WORKER = _NotAWorker()
+
+
+def blocking():
+    """``with blocking(): ...`` around a wait (CPU units, a dynamic batch, file I/O) or a job on the OpenMP team, on
+    an RPC worker: while inside, the worker does not count as active, so that a queued call gets a worker of its
+    own (`CountingThreadPool`). Nests; a no-op on other threads."""
+    return getattr(_worker, "state", _NOT_A_WORKER)
+
+
+def default_active_workers():
+    """Active RPC workers when not given: one more than the usable CPUs (3 on 2 cores).
+
+    Why one more: with Python's GIL one worker runs Python at a time while others compute with it released; the
+    extra one parses the next call while the cores compute. Measured (small, C=4 and 16): 3 workers 1.13-1.18x
+    the throughput of 8, 2 workers a little under 3 (BENCHMARKS.md, session of 2026-12-02 06:30-08:10).
+    """
+    return convcore.usable_cpus() + 1
+
+
 class CountingThreadPool(concurrent.futures.Executor):
-    """gRPC's worker pool: at most `max_workers` threads, the most recently idle one taking the next call, counting
-    the calls handed to it and not yet finished (queued or running).
+    """gRPC's worker pool: at most `max_workers` threads, of which at most `max_active` take calls at once, the most
+    recently idle one taking the next call, counting the calls handed to it and not yet finished (queued or running).
 
     The count is the number of calls in flight that ``--max-in-flight`` bounds. It counts a call from its
     submission to its end, and every call ends (also when its request never arrives, or at shutdown), so the count
@@ -46,24 +106,65 @@ class CountingThreadPool(concurrent.futures.Executor):
     `max_workers` threads keep taking turns. Here idle threads wait on a stack: under C concurrent calls only ~C
     threads ever run, and the one that just finished a call takes the next without sleeping.
 
+    Why `max_active`: a call that arrives while `max_active` workers are busy is not given a sleeping thread; it
+    waits in the queue for the first busy worker to finish, which takes it without going to sleep. On this VM every
+    wake-up of a sleeping thread costs (idle vCPUs halt at once), and small calls spend more time in wake-ups and
+    GIL hand-offs between threads than computing, so fewer threads taking turns do more calls per second. A worker
+    that is about to wait rather than run (for CPU units, for a dynamic batch, on file I/O) or that runs a job on
+    the whole OpenMP team says so with `blocking()`; while it does it is not active, and a queued call gets another
+    worker. So large and batched calls are served by as many workers as before; only short calls are capped.
+
     Parameters
     ----------
     max_workers : int
         Threads at most (``--workers``); started on demand, never stopped before `shutdown`.
     thread_name_prefix : str
+    max_active : int, optional
+        Workers taking calls at once, not counting those inside `blocking()` (default `default_active_workers()`,
+        at most `max_workers`).
     """
 
-    def __init__(self, max_workers, thread_name_prefix="rpc"):
+    def __init__(self, max_workers, thread_name_prefix="rpc", max_active=None):
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        if max_active is not None and max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active}")
         self._max_workers = max_workers
+        self._max_active = min(max_workers, max_active or default_active_workers())
         self._prefix = thread_name_prefix
         self._lock = threading.Lock()
         self._tasks = collections.deque()  # (future, fn, args, kwargs) not yet taken
         self._idle = []  # wake-up locks of idle threads, most recently idle last
         self._threads = 0
+        self._active = 0  # threads woken or started for calls, or running one outside blocking()
         self._shutdown = False
         self.in_flight = 0
+
+    @property
+    def max_active(self):
+        return self._max_active
+
+    def _grow(self):
+        """Under the lock: when calls are queued and fewer than max_active workers are active, the wake-up lock of
+        an idle thread to release, or the name of a thread to start (counted active from now); else None."""
+        if not self._tasks or self._active >= self._max_active:
+            return None
+        if self._idle:
+            self._active += 1
+            return self._idle.pop()
+        if self._threads < self._max_workers:
+            self._active += 1
+            self._threads += 1
+            return f"{self._prefix}_{self._threads - 1}"
+        return None
+
+    def _start(self, grown):
+        if grown is None:
+            return
+        if isinstance(grown, str):
+            threading.Thread(target=self._work, name=grown, daemon=True).start()
+        else:
+            grown.release()
 
     def submit(self, fn, /, *args, **kwargs):
         future = concurrent.futures.Future()
@@ -72,32 +173,38 @@ class CountingThreadPool(concurrent.futures.Executor):
                 raise RuntimeError("cannot schedule new calls after shutdown")
             self.in_flight += 1
             self._tasks.append((future, fn, args, kwargs))
-            wake = self._idle.pop() if self._idle else None
-            name = None
-            if wake is None and self._threads < self._max_workers:
-                name = f"{self._prefix}_{self._threads}"
-                self._threads += 1
-        if wake is not None:
-            wake.release()
-        elif name is not None:
-            threading.Thread(target=self._work, name=name, daemon=True).start()
+            grown = self._grow()
+        self._start(grown)
         return future
 
+    def _block(self):
+        with self._lock:
+            self._active -= 1
+            grown = self._grow()
+        self._start(grown)
+
+    def _unblock(self):
+        with self._lock:
+            self._active += 1  # may exceed max_active for a while: the worker then idles after its call
+
     def _work(self):
+        _worker.state = _Worker(self)
         wake = threading.Lock()
         wake.acquire()
         while True:
             with self._lock:
-                if self._tasks:
+                if self._tasks and (self._active <= self._max_active or self._shutdown):
                     task = self._tasks.popleft()
                 elif self._shutdown:
                     self._threads -= 1
+                    self._active -= 1
                     return
                 else:
                     task = None
+                    self._active -= 1
                     self._idle.append(wake)
             if task is None:
-                wake.acquire()  # released by submit (or shutdown) once this lock is popped off the stack
+                wake.acquire()  # released by whoever popped this lock off the stack, who counted us active
                 continue
             future, fn, args, kwargs = task
             try:
@@ -117,6 +224,7 @@ class CountingThreadPool(concurrent.futures.Executor):
         with self._lock:
             self._shutdown = True
             idle, self._idle = self._idle, []
+            self._active += len(idle)
             cancelled = []
             if cancel_futures:
                 cancelled, self._tasks = list(self._tasks), collections.deque()

@@ -59,12 +59,13 @@ class Layer:
 
 class Route:
     """What running a model on one input shape takes, worked out once: the plans, every layer's output shape, the
-    final shape and size, and the OpenMP threads the largest layer uses (the compute slots it occupies)."""
+    final shape and size, the OpenMP threads the largest layer uses (the compute slots it occupies) and the work of
+    all layers (`flops`, as convcore's thread cut-off counts it: ``plan.work_flops``)."""
 
-    __slots__ = ("plans", "shapes", "output_shape", "threads", "checked")
+    __slots__ = ("plans", "shapes", "output_shape", "threads", "flops", "checked")
 
-    def __init__(self, plans, shapes, threads):
-        self.plans, self.shapes, self.threads = plans, shapes, threads
+    def __init__(self, plans, shapes, threads, flops=0):
+        self.plans, self.shapes, self.threads, self.flops = plans, shapes, threads, flops
         self.output_shape = shapes[-1]
         self.checked = False  # set once the service has checked the output against its limits
 
@@ -240,7 +241,7 @@ class Model:
         # Ask the plans: convcore weighs depthwise and packed NHWC work differently from their FLOPs when it picks a
         # thread count, and the CPU units reserved must be the threads the plans will really use.
         threads = max(plan.num_threads(n, num_threads) for plan in plans)
-        route = Route(plans, shapes, threads)
+        route = Route(plans, shapes, threads, sum(plan.work_flops(n) for plan in plans))
         with self._lock:
             self._routes[key] = route
             while len(self._routes) > 4 * self._plan_cache_size:

@@ -5,6 +5,7 @@ and encode what it returns; nothing here knows protobuf. Where the output goes i
 `conv` take ``output(shape, dtype) -> array``, and the servicers pass one that hands out the payload of the response
 message itself (`client.wire.MessageBuffer`), so the last layer writes the answer where gRPC will send it from.
 """
+import contextlib
 import functools
 import math
 import threading
@@ -16,15 +17,21 @@ import convcore
 
 from ._batcher import DynamicBatcher
 from ._errors import LimitExceeded
-from ._limits import check_count
+from ._limits import blocking, check_count
 from ._model import _CHANNELS_LAST
 from ._statistics import Statistics
 
-__all__ = ["InferenceService"]
+__all__ = ["InferenceService", "LIGHT_JOB_FLOPS"]
 
 MIB = 1 << 20
 #: Room left in a response for everything that is not the tensor bytes (shape, names, framing).
 _RESPONSE_OVERHEAD = 64 << 10
+#: A one-thread job of at most this much work (``plan.work_flops``; ~0.1 ms on one core here, less than a call's
+#: own Python and gRPC time) is "light": it never waits for a CPU unit (`ComputeExecutor.run`). The small benchmark
+#: layer (3x3 16->16 on 32x32) is 4.7 MFLOP.
+LIGHT_JOB_FLOPS = 8_000_000
+#: ``with`` for a job that keeps its RPC worker's place (a one-thread job: it computes, it does not wait).
+_STAY = contextlib.nullcontext()
 
 
 class InferenceService:
@@ -80,10 +87,12 @@ class InferenceService:
     def register(self, name, layers, batching=None):
         """Check and store a model (a list of `Layer`, and a dynamic-batching dict or None); returns the Model (the
         registered one for a repeat)."""
-        return self.repository.register(name, layers, batching)
+        with blocking():  # writes and syncs the repository's file
+            return self.repository.register(name, layers, batching)
 
     def delete(self, name):
-        self.repository.delete(name)
+        with blocking():
+            self.repository.delete(name)
         self.statistics.drop(name)
 
     # ------------------------------------------------------------------ compute
@@ -125,15 +134,20 @@ class InferenceService:
             model.check_input(x, field)
             route = self.route(model, x.shape)
             if model.batching is None:
-                out = self.executor.run(context, self._timed_job, model, route, x, output, timing,
-                                        threads=route.threads, label=model.name)
+                # A job on the OpenMP team keeps the cores busy by itself: while it runs, another RPC worker may
+                # take a queued call (server._limits.CountingThreadPool); a one-thread job keeps its place.
+                with blocking() if route.threads > 1 else _STAY:
+                    out = self.executor.run(context, self._timed_job, model, route, x, output, timing,
+                                            threads=route.threads, label=model.name,
+                                            light=route.threads == 1 and route.flops <= LIGHT_JOB_FLOPS)
                 stats = self.statistics.model(model.name)
                 stats.execution(x.shape[0], 0.0, timing["infer_seconds"])
                 timing["queue_seconds"] = timing.pop("started") - started
             else:
                 # The batch's thread copies this caller's rows straight into `output` (the response payload).
-                out = self._batcher(model).run(x, deadline=_deadline(context), add_callback=context.add_callback,
-                                               timing=timing, output=output)
+                with blocking():  # waits for the batch to fill: other calls must be taken meanwhile to fill it
+                    out = self._batcher(model).run(x, deadline=_deadline(context), add_callback=context.add_callback,
+                                                   timing=timing, output=output)
                 if self.metrics is not None:
                     self.metrics.observe_batching_queue(model.name, timing["queue_seconds"])
             if after is not None:
@@ -210,7 +224,9 @@ class InferenceService:
         cout = shape[-1] if options.get("data_format") in _CHANNELS_LAST else shape[1]
         flops = 2 * math.prod(shape) * math.prod(kernel.shape) // max(1, cout)  # as convcore counts a layer
         threads = convcore.resolve_num_threads(self.executor.omp_threads, flops=flops)
-        return self.executor.run(context, self._conv_job, x, kernel, bias, options, shape, output, threads=threads)
+        with blocking() if threads > 1 else _STAY:
+            return self.executor.run(context, self._conv_job, x, kernel, bias, options, shape, output,
+                                     threads=threads, light=threads == 1 and flops <= LIGHT_JOB_FLOPS)
 
     def _conv_job(self, token, threads, x, kernel, bias, options, shape, output):
         out = output(shape, x.dtype)

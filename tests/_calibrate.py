@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-__all__ = ["WORK_SCALE", "SLOW_INPUT", "SlowModel", "slow_model", "time_call", "require_longer"]
+__all__ = ["WORK_SCALE", "SLOW_INPUT", "QUICK_X", "QUICK_K", "QUICK_Y", "SlowModel", "slow_model", "time_call",
+           "require_longer"]
 
 
 def _work_scale():
@@ -49,6 +50,14 @@ WORK_SCALE = _work_scale()
 _CHANNELS, _HEIGHT, _WIDTH = 8, 512, 256
 #: The slow model's input (the model is the identity, so this is also its output).
 SLOW_INPUT = np.ones((1, _CHANNELS, _HEIGHT, _WIDTH), np.float32)
+
+#: A quick one-off Conv that still needs a compute slot, for tests that check whether the slot is free or queued:
+#: 3x3 16->16 of ones on 64x64 ("valid", ~18 MFLOP, ~0.3 ms on one core), over the server's light-job work
+#: (`server._service.LIGHT_JOB_FLOPS`), below which a job never waits for a CPU unit and so would not notice a
+#: busy slot. Every output value is 144 (= 16 x 9), exactly.
+QUICK_X = np.ones((1, 16, 64, 64), np.float32)
+QUICK_K = np.ones((16, 16, 3, 3), np.float32)
+QUICK_Y = np.full((1, 16, 62, 62), 144.0, np.float32)
 
 
 def _identity_kernel(channels):

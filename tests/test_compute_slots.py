@@ -5,6 +5,7 @@ The RPC context is a small stand-in with the two methods the executor uses (is_a
 waits on events the test controls, so nothing depends on the machine's speed."""
 import threading
 
+import numpy as np
 import pytest
 
 import convcore
@@ -140,3 +141,52 @@ def _wait_for(predicate):
             return
         done.wait(0.01)
     raise AssertionError("timed out")
+
+
+def test_a_light_job_runs_at_once_without_a_unit_when_none_is_free():
+    ex = ComputeExecutor(1, 1)
+    release = threading.Event()
+    holder, _ = _start(ex, lambda token, granted: release.wait(WAIT), threads=1)
+    _wait_for(lambda: ex._free == 0)
+    try:
+        # On this thread, while the only unit is held: would block (and time out the holder) if it waited.
+        assert ex.run(Context(), lambda token, granted: (granted, ex._free), threads=1, light=True) == (1, 0)
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert ex._free == ex.units  # it took and gave back nothing
+
+
+def test_a_light_job_never_takes_the_unit_a_waiting_job_is_owed():
+    """With a job waiting, a light job runs beside it without a unit; the waiter gets the unit that frees up."""
+    ex = ComputeExecutor(1, 1)
+    release, order = threading.Event(), []
+    holder, _ = _start(ex, lambda token, granted: release.wait(WAIT), threads=1)
+    _wait_for(lambda: ex._free == 0)
+    waiter, out = _start(ex, lambda token, granted: order.append(("waiter", granted, ex._free)), threads=1)
+    _wait_for(lambda: len(ex._waiters) == 1)
+    release.set()
+    holder.join(WAIT)
+    waiter.join(WAIT)
+    ex.run(Context(), lambda token, granted: order.append(("light", granted)), threads=1, light=True)
+    assert order == [("waiter", 1, 0), ("light", 1)] and "error" not in out
+    assert ex._free == ex.units
+
+
+def test_a_light_job_still_honours_cancellation():
+    ex = ComputeExecutor(1, 1)
+    ctx = Context()
+    ctx.active = False
+    with pytest.raises(RequestCancelled):
+        ex.run(ctx, lambda token, granted: pytest.fail("ran"), threads=1, light=True)
+
+
+def test_the_tests_quick_call_is_not_a_light_job():
+    """tests/_calibrate.py's QUICK call must wait for a busy slot, or the tests that use it to see whether the
+    slot is free would pass whatever the server did."""
+    from _calibrate import QUICK_K, QUICK_X
+    from server._service import LIGHT_JOB_FLOPS
+
+    out = convcore.output_shape(QUICK_X.shape, QUICK_K.shape)
+    flops = 2 * int(np.prod(out)) * int(np.prod(QUICK_K.shape[1:]))
+    assert flops > LIGHT_JOB_FLOPS and convcore.resolve_num_threads(1, flops=flops) == 1
