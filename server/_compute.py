@@ -180,8 +180,9 @@ class ComputeExecutor:
         `light` (a one-thread job shorter than the call's own Python, see `server._service.LIGHT_JOB_FLOPS`): when
         no unit is free, or jobs wait, it runs at once on one thread without a unit rather than wait. Waiting
         would cost two thread wake-ups and GIL hand-offs, more than the job; running over the units oversubscribes
-        the cores by at most the RPC workers that take calls at once minus the units (`server._limits`: one on
-        2 cores), for ~0.1 ms. It never takes a unit from a waiting job, so jobs that wait are not starved.
+        the cores by at most the RPC workers that take calls at once (`server._limits.CountingThreadPool`: as many
+        as the usable CPUs), for ~0.1 ms each. It never takes a unit from a waiting job, so waiting jobs are not
+        starved.
         """
         if not context.is_active():
             raise RequestCancelled(_CANCELLED)

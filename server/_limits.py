@@ -84,13 +84,15 @@ def blocking():
 
 
 def default_active_workers():
-    """Active RPC workers when not given: one more than the usable CPUs (3 on 2 cores).
+    """Active RPC workers when not given: as many as the usable CPUs (convcore's count: affinity and cgroup quota).
 
-    Why one more: with Python's GIL one worker runs Python at a time while others compute with it released; the
-    extra one parses the next call while the cores compute. Measured (small, C=4 and 16): 3 workers 1.13-1.18x
-    the throughput of 8, 2 workers a little under 3 (BENCHMARKS.md, session of 2026-12-02 06:30-08:10).
+    Why: an active worker either runs Python (one at a time, under the GIL) or computes with the GIL released, so
+    one per CPU keeps every CPU busy; more only take turns on the same CPUs, each turn a wake-up and a GIL hand-off.
+    Measured on 2 vCPUs, small (light) calls, serve_ab medians of per-round ratios: 2 active ÷ 3 active 1.05-1.15 at
+    concurrency 4 in three runs, 0.96-1.05 at 16, with 0.02-0.2 ms less server CPU per call; 3 ÷ 8 (as before)
+    1.13-1.18 (BENCHMARKS.md, session of 2026-12-02 06:30-08:10).
     """
-    return convcore.usable_cpus() + 1
+    return convcore.usable_cpus()
 
 
 class CountingThreadPool(concurrent.futures.Executor):
@@ -121,7 +123,7 @@ class CountingThreadPool(concurrent.futures.Executor):
     thread_name_prefix : str
     max_active : int, optional
         Workers taking calls at once, not counting those inside `blocking()` (default `default_active_workers()`,
-        at most `max_workers`).
+        the usable CPUs; at most `max_workers`).
     """
 
     def __init__(self, max_workers, thread_name_prefix="rpc", max_active=None):
