@@ -309,11 +309,15 @@ class _Watchdog:
                 self._heap = [e for e in self._heap if not e[2].finished]
                 heapq.heapify(self._heap)
                 self._finished = 0
-            heapq.heappush(self._heap, (when, next(self._ids), context))
+            entry = (when, next(self._ids), context)
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="default-deadline", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._heap[0] is entry:
+                # Only a new earliest deadline changes when the thread must wake. With one default deadline every
+                # new entry is the latest, so calls do not wake the thread (a wake-up, with the GIL held, per call).
+                self._cond.notify()
 
     def _run(self):
         while True:

@@ -212,3 +212,30 @@ def test_health_answers_while_every_worker_is_busy(tmp_path):
         assert running == 2, f"the slow calls ended before the health check ({slow}; see tests/_calibrate.py)"
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_the_deadline_watchdog_wakes_for_an_earlier_deadline_added_later():
+    """Entries later than the earliest do not wake the watchdog thread; one that becomes the earliest must."""
+    import threading
+
+    from server._limits import _Watchdog
+
+    class Expiring:
+        finished = False
+
+        def __init__(self):
+            self.expired = threading.Event()
+
+        def expire(self):
+            self.expired.set()
+
+    dog, far, soon = _Watchdog(), Expiring(), Expiring()
+    dog.watch(time.monotonic() + 3600, far)
+    dog.watch(time.monotonic() + 3000, Expiring())  # not the earliest: no wake-up needed
+    for _ in range(3000):  # until the thread sleeps (on the hour-long wait): the Condition's own waiter list
+        if dog._cond._waiters:
+            break
+        time.sleep(0.01)
+    dog.watch(time.monotonic() + 0.05, soon)
+    assert soon.expired.wait(30), "an earlier deadline added after later ones never expired"
+    assert not far.expired.is_set()
