@@ -179,8 +179,9 @@ def create_server(address=DEFAULT_ADDRESS, config=None):
     log.info("models loaded: %d%s", len(loaded), f" ({', '.join(loaded)})" if loaded else "")
     if skipped:
         log.warning("model files skipped as corrupt: %s", ", ".join(skipped))
-    log.info("threads: %d RPC workers, %d compute slot(s) x %d OpenMP thread(s) (OpenMP %s)", config.workers,
-             executor.slots, executor.team, "enabled" if convcore.openmp_enabled() else "not built in")
+    log.info("threads: %d RPC workers (at most %d taking calls at once), %d compute slot(s) "
+             "x %d OpenMP thread(s) (OpenMP %s)", config.workers, pool.max_active, executor.slots, executor.team,
+             "enabled" if convcore.openmp_enabled() else "not built in")
     log.info("message limit: %d MiB each way", limit // MIB)
     if server.metrics_port is not None:
         log.info("metrics: http://%s:%d/metrics", address.rsplit(":", 1)[0], server.metrics_port)
