@@ -268,20 +268,62 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self._message = (f"the server is serving its limit of {limit} requests at once; retry later, or start it "
                          f"with a larger --max-in-flight")
         self._refusals = {}  # full method -> its refusing handler, made once
+        self._streams = {}  # full method -> (its handler, that handler stepping aside), made once
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or self._pool.in_flight < self.limit:
+        if handler is None:
+            return handler
+        if handler.unary_unary is None:
+            # Streaming RPCs (health Watch, reflection) are exempt like probes: none of them computes anything. They
+            # live as long as their clients keep them open, so they run outside the active workers.
+            return self._aside(handler_call_details.method, handler)
+        if self._pool.in_flight < self.limit:
             return handler
         method = handler_call_details.method
-        if method.startswith(_EXEMPT) or handler.unary_unary is None:
-            # Streaming RPCs (health Watch, reflection) are exempt like probes: none of them computes anything.
+        if method.startswith(_EXEMPT):
             return handler
         refusal = self._refusals.get(method)
         if refusal is None:
             refusal = self._refusals[method] = self._refusal(method, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                              self._message)
         return refusal
+
+    def _aside(self, method, handler):
+        cached = self._streams.get(method)
+        if cached is None or cached[0] is not handler:
+            behavior = handler.unary_stream or handler.stream_stream or handler.stream_unary
+            # Not those that hold no worker while open (health's Watch sends from a callback) or run elsewhere.
+            keep = (getattr(behavior, "experimental_non_blocking", False)
+                    or getattr(behavior, "experimental_thread_pool", None) is not None)
+            cached = self._streams[method] = (handler, handler if keep else _stepping_aside(handler))
+        return cached[1]
+
+
+def _stepping_aside(handler):
+    """A streaming `handler` whose behavior runs inside `blocking()`: a stream held open for minutes (a reflection
+    session) must not hold one of the few active RPC workers' places, or a few of them would stall every unary
+    call. Response streams are iterated by the worker after the behavior returns, so the iteration is
+    wrapped too."""
+    def stream_out(behavior):
+        def run(request, context):
+            with blocking():
+                yield from behavior(request, context)
+        return run
+
+    def unary_out(behavior):
+        def run(request_iterator, context):
+            with blocking():
+                return behavior(request_iterator, context)
+        return run
+
+    codecs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream_out(handler.unary_stream), **codecs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(stream_out(handler.stream_stream), **codecs)
+    return grpc.stream_unary_rpc_method_handler(unary_out(handler.stream_unary), **codecs)
 
 
 class _Watchdog:

@@ -174,3 +174,39 @@ def _wait_for_log(proc, drops, seconds=5.0):
             return True
         done.wait(0.01)
     return False
+
+
+def test_open_streams_do_not_hold_the_active_workers_places(tmp_path):
+    """As many reflection streams held open as RPC workers may take calls at once (each blocks a worker reading its
+    client's next request): unary calls are still served. Were the streams counted as active, every unary call
+    would queue until a stream ended, and time out."""
+    import re
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    proc = ServerProcess(tmp_path / "models", "--workers", "8").start()
+    done = threading.Event()
+
+    def requests():  # one request, then the stream stays open until the test ends
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        done.wait(120)
+
+    try:
+        active = int(re.search(r"at most (\d+) taking calls at once", proc.log()).group(1))
+        assert active < 8, proc.log()  # room left in the pool for the unary calls
+        with grpc.insecure_channel(proc.target) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            streams = [stub.ServerReflectionInfo(requests(), timeout=120) for _ in range(active)]
+            try:
+                for stream in streams:  # each stream was taken by a worker, which now waits for its next request
+                    assert next(stream).HasField("list_services_response")
+                with ConvClient(proc.target, timeout=60) as c:
+                    x = np.ones((1, 1, 4, 4), np.float32)
+                    for _ in range(3):
+                        np.testing.assert_array_equal(c.conv(x, np.full((1, 1, 1, 1), 3.0, np.float32)), 3 * x)
+            finally:
+                done.set()
+                for stream in streams:
+                    stream.cancel()
+    finally:
+        assert proc.stop() == 0, proc.log()
