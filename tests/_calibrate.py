@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 __all__ = ["WORK_SCALE", "SLOW_INPUT", "QUICK_X", "QUICK_K", "QUICK_Y", "SlowModel", "slow_model", "time_call",
-           "require_longer"]
+           "require_longer", "queued_behind"]
 
 
 def _work_scale():
@@ -151,3 +151,29 @@ def require_longer(what, seconds, than):
     """Fail (not skip, not pass) when the work a test relies on is too short to mean anything."""
     assert seconds > than, (f"{what} took {seconds:.3f} s, not more than the {than:.3f} s the test needs: the "
                             f"calibration is off (CONVTEST_WORK_SCALE={WORK_SCALE:g}); see tests/_calibrate.py")
+
+
+def queued_behind(proc, running, slow):
+    """True once a QUICK call, sent with a short deadline while the thread `running` makes a call of `slow` on the
+    server `proc`, was queued behind it and dropped at its deadline (the server logs the drop, never computing it):
+    the slow call then holds the compute slot. False if the slow call ended first.
+
+    The slow call may have arrived without holding the slot yet (a busy machine can stall its RPC thread): a quick
+    call that still finds the slot free simply succeeds, and the next one is tried."""
+    import grpc
+
+    from client import ConvClient, ConvError
+
+    dropped = "dropped a queued compute job"
+    with ConvClient(proc.target, timeout=max(0.1, min(0.2, slow.seconds / 5))) as hurried:
+        while running.is_alive():
+            drops = proc.log().count(dropped)
+            try:
+                hurried.conv(QUICK_X, QUICK_K)
+            except ConvError as exc:
+                assert exc.code == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+                for _ in range(500):  # the log line follows the status within moments; 5 s at most
+                    if proc.log().count(dropped) > drops:
+                        return True
+                    time.sleep(0.01)
+    return False

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _calibrate import QUICK_K, QUICK_X, QUICK_Y, require_longer, slow_model
+from _calibrate import QUICK_K, QUICK_X, QUICK_Y, queued_behind, require_longer, slow_model
 from _server import ServerProcess
 from client import ConvClient, ConvError
 from test_limits import in_flight, metrics_text
@@ -116,19 +116,7 @@ def test_calls_whose_client_has_gone_stop_being_worked_on(tmp_path):
             t = threading.Thread(target=call)
             t.start()
             assert _wait_for(lambda: in_flight(proc) >= 1), proc.log()
-            # The slow call has arrived, but may not hold the compute slot yet (a busy machine can stall its RPC
-            # thread): a quick call that still finds the slot free simply succeeds, and the next one is tried.
-            queued_deadline = max(0.1, min(0.2, slow.seconds / 5))
-            dropped = False
-            with ConvClient(proc.target, timeout=queued_deadline) as hurried:
-                while t.is_alive() and not dropped:
-                    drops = proc.log().count("dropped a queued compute job")
-                    try:
-                        hurried.conv(QUICK_X, QUICK_K)
-                    except ConvError as exc:
-                        assert exc.code == grpc.StatusCode.DEADLINE_EXCEEDED, exc
-                        # Queued behind the slow call: dropped when its deadline passed, never computed.
-                        dropped = _wait_for(lambda: proc.log().count("dropped a queued compute job") > drops, 5)
+            dropped = queued_behind(proc, t, slow)  # a quick call was queued behind it, then dropped
             t.join(_generous(slow))
             assert dropped, f"no quick call was ever queued behind the running one: {slow} too short?\n{proc.log()}"
             np.testing.assert_array_equal(result["y"], slow.input)

@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from _calibrate import QUICK_K, QUICK_X, slow_model, time_call
+from _calibrate import queued_behind, slow_model, time_call
 from _server import ServerProcess
-from client import ConvClient, ConvError
+from client import ConvClient
 from server._limits import CountingThreadPool, blocking, default_active_workers
 
 WAIT = 30  # generous: a loaded 2-core machine stalls for seconds
@@ -143,17 +143,7 @@ def test_a_light_call_is_answered_while_a_slow_call_holds_the_only_compute_slot(
 
             t = threading.Thread(target=slow_call)
             t.start()
-            # The slow call holds the slot once a call that needs it is queued behind it (and dropped at its
-            # deadline); until then, quick calls that find the slot free simply succeed.
-            held = False
-            with ConvClient(proc.target, timeout=max(0.1, min(0.2, slow.seconds / 5))) as hurried:
-                while t.is_alive() and not held:
-                    drops = proc.log().count("dropped a queued compute job")
-                    try:
-                        hurried.conv(QUICK_X, QUICK_K)
-                    except ConvError as exc:
-                        assert exc.code == grpc.StatusCode.DEADLINE_EXCEEDED, exc
-                        held = _wait_for_log(proc, drops)
+            held = queued_behind(proc, t, slow)  # the slow call holds the slot
             (y, took), start = time_call(c.infer, "light", x), time.monotonic()
             t.join(60 + 20 * slow.seconds)
         assert held, f"no quick call was ever queued behind the slow one: {slow} too short?\n{proc.log()}"
@@ -165,15 +155,6 @@ def test_a_light_call_is_answered_while_a_slow_call_holds_the_only_compute_slot(
         np.testing.assert_array_equal(result["y"], slow.input)
     finally:
         assert proc.stop() == 0, proc.log()
-
-
-def _wait_for_log(proc, drops, seconds=5.0):
-    done = threading.Event()
-    for _ in range(int(seconds * 100)):
-        if proc.log().count("dropped a queued compute job") > drops:
-            return True
-        done.wait(0.01)
-    return False
 
 
 def test_open_streams_do_not_hold_the_active_workers_places(tmp_path):
