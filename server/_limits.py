@@ -89,7 +89,7 @@ def default_active_workers():
     Why: an active worker either runs Python (one at a time, under the GIL) or computes with the GIL released, so
     one per CPU keeps every CPU busy; more only take turns on the same CPUs, each turn a wake-up and a GIL hand-off.
     Measured on 2 vCPUs, small (light) calls, serve_ab medians of per-round ratios: 2 active ÷ 3 active 1.05-1.15 at
-    concurrency 4 in three runs, 0.96-1.05 at 16, with 0.02-0.2 ms less server CPU per call; 3 ÷ 8 (as before)
+    concurrency 4 in three runs (0.02-0.2 ms less server CPU per call), 0.96-1.05 at 16; 3 ÷ 8 (as before)
     1.13-1.18 (BENCHMARKS.md, session of 2026-12-02 06:30-08:10).
     """
     return convcore.usable_cpus()
