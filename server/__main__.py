@@ -136,6 +136,58 @@ def configure_openmp(policy, environ=os.environ):
     return policy
 
 
+#: Set by the user, any of these decides OpenMP thread placement instead of `configure_openmp_places`.
+_PLACEMENT_ENV = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+
+
+def _cpu_quota():
+    """CPUs the cgroup's CPU quota allows (v2 ``cpu.max``, v1 ``cfs_quota_us``), or None: no quota. (convcore has
+    the same reader, but importing convcore starts the OpenMP runtime, which must not have started yet.)"""
+    for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "period")):
+        try:
+            with open(path) as f:
+                words = f.read().split()
+            if split:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    words.append(f.read().strip())
+            if words[0] not in ("max", "-1"):
+                return max(1, int(words[0]) // int(words[1]))
+            return None
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def configure_openmp_places(environ=os.environ, cpus=None, quota=None):
+    """Bind the OpenMP team's threads one per CPU (``OMP_PROC_BIND=spread``, one place per usable CPU) when this
+    process has its CPUs to itself; must run before convcore is imported. Returns what is in force, for the log.
+
+    Why: on this kind of VM the scheduler packs a woken thread onto the CPU of the thread that woke it when the
+    machine has been idle for a few ms, so a call arriving after a pause ran its 2-thread convolution with both
+    threads on one CPU, one after the other (medium: 2.7-2.9 ms instead of 1.5-1.8; BENCHMARKS.md, issue 10,
+    session of 2026-12-02 06:30). Bound, the team's worker runs on its own CPU. The RPC thread that leads the team is
+    pinned to the first place only while it computes (`server._compute.TeamPlacement`), so every other thread keeps
+    the whole CPU set.
+
+    Not bound: with fewer than 2 CPUs; when a cgroup quota allows fewer CPUs than the process may run on (a
+    container sharing a host's cores: a CPU bound to would be busy with other containers, and a bound thread waits
+    for it, where an unbound one moves); and when the environment already has a placement (``OMP_PROC_BIND=false``
+    turns binding off).
+    """
+    given = [k for k in _PLACEMENT_ENV if environ.get(k)]
+    if given:
+        return "from the environment (" + ", ".join(f"{k}={environ[k]}" for k in given) + ")"
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < 2:
+        return "not bound (one usable CPU)"
+    quota = _cpu_quota() if quota is None else quota
+    if quota is not None and quota < len(cpus):
+        return f"not bound (the CPU quota allows {quota} of the {len(cpus)} CPUs this process may run on)"
+    environ["OMP_PROC_BIND"] = "spread"
+    environ["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in cpus)
+    return f"one thread per CPU (OMP_PROC_BIND=spread, OMP_PLACES={environ['OMP_PLACES']})"
+
+
 def _write_port_file(path, port):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -148,9 +200,11 @@ def main(argv=None):
     (address, config, port_file, log_level), args = _parse(argv)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     omp_wait = configure_openmp(args.omp_wait)
+    omp_places = configure_openmp_places()
     from ._app import create_server  # imports convcore, which starts the OpenMP runtime: after configure_openmp
     from ._compute import configure_allocator
     log.info("OpenMP wait policy: %s", omp_wait)
+    log.info("OpenMP thread placement: %s", omp_places)
     log.info("allocator: %s", configure_allocator())
     stop = threading.Event()
     received = []
