@@ -255,7 +255,9 @@ def main(argv=None):
         keys = list(rows[0])
         med = {k: statistics.median(r[k] for r in rows) for k in keys}
         p90 = sorted(r["total"] for r in rows)[9 * len(rows) // 10]
-        print(f"  {kind:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in med.items()) + f"  (total p90 {p90:.3f})")
+        mean = statistics.mean(r["total"] for r in rows)
+        print(f"  {kind:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in med.items())
+              + f"  (total p90 {p90:.3f}, mean {mean:.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)
