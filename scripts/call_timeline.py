@@ -4,7 +4,7 @@
                                                             [--contenders ours,plain,echo] [--perf OUT]
 
 Each contender (ours = ``python -m server`` of this tree with KServe ModelInfer raw contents, or ``infer`` for
-ConvService/Infer, or ``unbound`` for ours with ``OMP_PROC_BIND=false``; plain = benchmarks/service.py's hand-written grpcio + torch server; echo = the gRPC echo of the
+ConvService/Infer, or ``bound`` for ours with ``--omp-bind spread``; plain = benchmarks/service.py's hand-written grpcio + torch server; echo = the gRPC echo of the
 same bytes) runs in its own child process, with stamps taken from CLOCK_MONOTONIC (``time.monotonic_ns``, the same
 clock in every process of one machine) at: handler entry (the first Python line of the gRPC handler), compute start
 and end (``Model.run`` / ``F.conv2d``), handler return (the bytes handed back to gRPC). This process is the client:
@@ -63,12 +63,10 @@ def _dump_on_term(path):
 def serve(kind, port_file, stamps_path, weights_path, workers):
     """Child process: one contender with stamps; writes its port to `port_file`, its stamps on SIGTERM."""
     import grpc
-    if kind in ("ours", "infer", "unbound"):
-        if kind == "unbound":  # ours with the OpenMP team's threads left unbound (the placement the user decides)
-            os.environ["OMP_PROC_BIND"] = "false"
+    if kind in ("ours", "infer", "bound"):
         from server.__main__ import configure_openmp, configure_openmp_places, parse_args
         configure_openmp(None)
-        configure_openmp_places()  # as python -m server does ($OMP_PROC_BIND=false in the environment: unbound)
+        configure_openmp_places("spread" if kind == "bound" else "off")  # as python -m server [--omp-bind spread]
         from server import _handlers, _model, create_server
         from server._compute import configure_allocator
         configure_allocator()
@@ -207,12 +205,12 @@ def main(argv=None):
     try:
         for kind in kinds:
             procs[kind], target, stamps[kind] = _start(kind, workdir, wpath, args.workers)
-            if kind in ("ours", "infer", "unbound"):
+            if kind in ("ours", "infer", "bound"):
                 register_models(target, weights)
-            method = {"ours": KSERVE_INFER, "unbound": KSERVE_INFER, "infer": CONV_INFER, "plain": f"/{PLAIN_SERVICE}/{model}",
+            method = {"ours": KSERVE_INFER, "bound": KSERVE_INFER, "infer": CONV_INFER, "plain": f"/{PLAIN_SERVICE}/{model}",
                       "echo": "/bench.Echo/Echo"}[kind]
             calls[kind] = _channel(target).unary_unary(method)
-            reqs[kind] = requests[{"ours": "kserve", "unbound": "kserve", "infer": "infer"}.get(kind, kind)]
+            reqs[kind] = requests[{"ours": "kserve", "bound": "kserve", "infer": "infer"}.get(kind, kind)]
             for _ in range(args.warmup):
                 calls[kind](reqs[kind], timeout=60)
         perf = None

@@ -66,6 +66,11 @@ def _parse(argv):
                    help="what idle OpenMP threads do between convolutions: passive (sleep at once, the default "
                         "unless $OMP_WAIT_POLICY or $GOMP_SPINCOUNT is set) leaves the cores to gRPC's threads; "
                         "active spins (lowest latency for back-to-back large calls, burns a core)")
+    p.add_argument("--omp-bind", choices=OMP_BIND_CHOICES, default="off",
+                   help="OpenMP thread placement: spread binds the team one thread per CPU (calls after an idle "
+                        "pause compute on both CPUs; a bound thread waits when another process holds its CPU), off "
+                        "leaves placement to the scheduler; a placement in the environment (OMP_PROC_BIND, "
+                        "OMP_PLACES, GOMP_CPU_AFFINITY) wins over both")
     p.add_argument("--grace", type=float, default=defaults["grace_seconds"].default, metavar="SECONDS",
                    help="seconds in-flight calls may take to finish on shutdown")
     p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
@@ -136,6 +141,8 @@ def configure_openmp(policy, environ=os.environ):
     return policy
 
 
+#: --omp-bind values.
+OMP_BIND_CHOICES = ("off", "spread")
 #: Set by the user, any of these decides OpenMP thread placement instead of `configure_openmp_places`.
 _PLACEMENT_ENV = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 
@@ -158,9 +165,10 @@ def _cpu_quota():
     return None
 
 
-def configure_openmp_places(environ=os.environ, cpus=None, quota=None):
-    """Bind the OpenMP team's threads one per CPU (``OMP_PROC_BIND=spread``, one place per usable CPU) when this
-    process has its CPUs to itself; must run before convcore is imported. Returns what is in force, for the log.
+def configure_openmp_places(bind, environ=os.environ, cpus=None, quota=None):
+    """With `bind` ``"spread"`` (``--omp-bind spread``; the default is ``"off"``), bind the OpenMP team's threads
+    one per CPU (``OMP_PROC_BIND=spread``, one place per usable CPU) when this process has its CPUs to itself; must
+    run before convcore is imported. Returns what is in force, for the log.
 
     Why: on this kind of VM the scheduler packs a woken thread onto the CPU of the thread that woke it when the
     machine has been idle for a few ms, so a call arriving after a pause ran its 2-thread convolution with both
@@ -169,14 +177,20 @@ def configure_openmp_places(environ=os.environ, cpus=None, quota=None):
     pinned to the first place only while it computes (`server._compute.TeamPlacement`), so every other thread keeps
     the whole CPU set.
 
-    Not bound: with fewer than 2 CPUs; when a cgroup quota allows fewer CPUs than the process may run on (a
-    container sharing a host's cores: a CPU bound to would be busy with other containers, and a bound thread waits
-    for it, where an unbound one moves); and when the environment already has a placement (``OMP_PROC_BIND=false``
-    turns binding off).
+    Why off by default: a bound thread cannot move. When another process (the client, a sidecar, another job)
+    holds the CPU the worker is bound to, the worker waits for it where an unbound one would run elsewhere; on a
+    loaded machine that lengthened the tail (p90 8.4 against 6.5 ms at a 2 ms pause, and closed loops at C=1
+    1.0-1.4x slower; BENCHMARKS.md). Not bound either: with fewer than 2 CPUs; when a cgroup quota allows fewer
+    CPUs than the process may run on (a container sharing a host's cores); and when the environment already has a
+    placement.
     """
+    if bind not in OMP_BIND_CHOICES:
+        raise ValueError(f"bind must be one of {OMP_BIND_CHOICES}, got {bind!r}")
     given = [k for k in _PLACEMENT_ENV if environ.get(k)]
     if given:
         return "from the environment (" + ", ".join(f"{k}={environ[k]}" for k in given) + ")"
+    if bind == "off":
+        return "left to the scheduler (--omp-bind off)"
     cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
     if len(cpus) < 2:
         return "not bound (one usable CPU)"
@@ -200,7 +214,7 @@ def main(argv=None):
     (address, config, port_file, log_level), args = _parse(argv)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     omp_wait = configure_openmp(args.omp_wait)
-    omp_places = configure_openmp_places()
+    omp_places = configure_openmp_places(args.omp_bind)
     from ._app import create_server  # imports convcore, which starts the OpenMP runtime: after configure_openmp
     from ._compute import configure_allocator
     log.info("OpenMP wait policy: %s", omp_wait)

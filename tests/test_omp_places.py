@@ -1,5 +1,5 @@
-"""OpenMP thread placement of the server (server.__main__.configure_openmp_places, server._compute.TeamPlacement):
-the team's worker is bound to a CPU of its own, the RPC thread leading a team is pinned only while it computes, and
+"""OpenMP thread placement of the server (``--omp-bind``; server.__main__.configure_openmp_places,
+server._compute.TeamPlacement): off by default; with ``spread`` the team's worker is bound to a CPU of its own, the RPC thread leading a team is pinned only while it computes, and
 every other thread keeps the whole CPU set. Checked on a real server process through /proc and the runtime's own
 report (OMP_DISPLAY_ENV), and the answers against the float64 reference."""
 import os
@@ -19,19 +19,25 @@ needs_two_cpus = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(
 needs_openmp = pytest.mark.skipif(not convcore.openmp_enabled(), reason="built without OpenMP")
 
 
-def test_places_one_per_cpu_unless_the_environment_or_the_quota_decides():
+def test_places_one_per_cpu_only_when_asked_and_unless_the_environment_or_the_quota_decides():
     env = {}
-    assert "spread" in configure_openmp_places(env, cpus=[3, 1], quota=None)
+    assert configure_openmp_places("off", env, cpus=[0, 1]) == "left to the scheduler (--omp-bind off)"
+    assert env == {}
+    assert "spread" in configure_openmp_places("spread", env, cpus=[3, 1], quota=None)
     assert env == {"OMP_PROC_BIND": "spread", "OMP_PLACES": "{1},{3}"}
     for given in ({"OMP_PROC_BIND": "false"}, {"OMP_PLACES": "cores"}, {"GOMP_CPU_AFFINITY": "0-1"}):
-        env = dict(given)
-        assert configure_openmp_places(env, cpus=[0, 1]).startswith("from the environment")
-        assert env == given
+        for bind in ("off", "spread"):
+            env = dict(given)
+            assert configure_openmp_places(bind, env, cpus=[0, 1]).startswith("from the environment")
+            assert env == given
     env = {}
-    assert configure_openmp_places(env, cpus=[0]) == "not bound (one usable CPU)" and env == {}
+    assert configure_openmp_places("spread", env, cpus=[0]) == "not bound (one usable CPU)" and env == {}
     # A container sharing a host's cores: 16 CPUs to run on, a quota of 2 -> not bound.
-    assert configure_openmp_places(env, cpus=range(16), quota=2).startswith("not bound (the CPU quota allows 2")
+    assert configure_openmp_places("spread", env, cpus=range(16), quota=2).startswith(
+        "not bound (the CPU quota allows 2")
     assert env == {}
+    with pytest.raises(ValueError, match="bind must be one of"):
+        configure_openmp_places("close", {})
 
 
 def test_team_placement_only_from_the_placement_the_server_writes():
@@ -56,8 +62,8 @@ def _affinities(pid):
     return out
 
 
-def _serve_medium(tmp_path, env, calls=12):
-    """Start a server with `env`, run a 2-thread layer `calls` times (also 4 calls at once, which compute one
+def _serve_medium(tmp_path, flags, env, calls=12):
+    """Start a server with `flags` and `env`, run a 2-thread layer `calls` times (also 4 calls at once, which compute one
     thread each), check every answer; return (the server's log, its threads' affinities after the calls)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -67,7 +73,7 @@ def _serve_medium(tmp_path, env, calls=12):
     b = rng.standard_normal(64).astype(np.float32)
     x = rng.standard_normal((1, 64, 56, 56)).astype(np.float32)
     expected = reference_conv(x, w, b, padding="same").astype(np.float32)
-    proc = ServerProcess(tmp_path / "models", env={"OMP_DISPLAY_ENV": "true", **env}).start()
+    proc = ServerProcess(tmp_path / "models", *flags, env={"OMP_DISPLAY_ENV": "true", **env}).start()
     try:
         with ConvClient(proc.target, timeout=60) as c:
             c.register_model("m", [{"kernel": w, "bias": b, "padding": "same"}])
@@ -85,11 +91,11 @@ def _serve_medium(tmp_path, env, calls=12):
 
 @needs_two_cpus
 @needs_openmp
-def test_a_server_binds_the_team_worker_and_leaves_every_other_thread_free(tmp_path):
+def test_omp_bind_spread_binds_the_team_worker_and_leaves_every_other_thread_free(tmp_path):
     cpus = frozenset(os.sched_getaffinity(0))
-    if not configure_openmp_places({}, cpus=cpus).startswith("one thread per CPU"):
+    if not configure_openmp_places("spread", {}, cpus=cpus).startswith("one thread per CPU"):
         pytest.skip("the server would not bind here (a CPU quota below the CPU count)")
-    log, threads = _serve_medium(tmp_path, {})
+    log, threads = _serve_medium(tmp_path, ("--omp-bind", "spread"), {})
     assert "OMP_PROC_BIND = 'SPREAD'" in log, log
     assert "OpenMP thread placement: one thread per CPU" in log, log
     team = int(re.search(r"x (\d+) OpenMP thread", log).group(1))
@@ -105,8 +111,11 @@ def test_a_server_binds_the_team_worker_and_leaves_every_other_thread_free(tmp_p
 
 @needs_two_cpus
 @needs_openmp
-def test_omp_proc_bind_false_in_the_environment_leaves_every_thread_unbound(tmp_path):
+@pytest.mark.parametrize("flags, env, said", [
+    ((), {}, "left to the scheduler (--omp-bind off)"),
+    (("--omp-bind", "spread"), {"OMP_PROC_BIND": "false"}, "from the environment (OMP_PROC_BIND=false)")])
+def test_by_default_or_with_a_placement_in_the_environment_no_thread_is_bound(tmp_path, flags, env, said):
     cpus = frozenset(os.sched_getaffinity(0))
-    log, threads = _serve_medium(tmp_path, {"OMP_PROC_BIND": "false"}, calls=4)
-    assert "OpenMP thread placement: from the environment (OMP_PROC_BIND=false)" in log, log
+    log, threads = _serve_medium(tmp_path, flags, env, calls=4)
+    assert f"OpenMP thread placement: {said}" in log, log
     assert all(mask == cpus for _, mask in threads.values()), threads
