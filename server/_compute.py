@@ -94,10 +94,11 @@ class TeamPlacement:
     the placement is the one the server writes (``{a},{b},...``, one CPU each).
     """
 
-    __slots__ = ("leader", "cpus")
+    __slots__ = ("leader", "cpus", "_warned")
 
     def __init__(self, leader, cpus):
         self.leader, self.cpus = frozenset(leader), frozenset(cpus)
+        self._warned = False
 
     @classmethod
     def from_environ(cls, environ=os.environ):
@@ -113,11 +114,21 @@ class TeamPlacement:
 
     def lead(self):
         """Pin the calling thread to the first place (it is about to lead a team)."""
-        os.sched_setaffinity(0, self.leader)
+        self._set(self.leader)
 
     def release(self):
         """Give the calling thread every CPU of the placement again."""
-        os.sched_setaffinity(0, self.cpus)
+        self._set(self.cpus)
+
+    def _set(self, cpus):
+        # A CPU taken offline (or a cgroup cpuset shrunk) since start-up: compute anyway, where the thread may run.
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot set the CPU affinity of a compute thread to %s (%s); computing without it",
+                            sorted(cpus), exc)
 
 
 class BufferPool:

@@ -119,3 +119,12 @@ def test_by_default_or_with_a_placement_in_the_environment_no_thread_is_bound(tm
     log, threads = _serve_medium(tmp_path, flags, env, calls=4)
     assert f"OpenMP thread placement: {said}" in log, log
     assert all(mask == cpus for _, mask in threads.values()), threads
+
+
+def test_a_cpu_that_cannot_be_set_does_not_fail_the_job(caplog):
+    placement = TeamPlacement({1 << 20}, {1 << 20, (1 << 20) + 1})  # CPUs that do not exist here
+    before = os.sched_getaffinity(0)
+    placement.lead()
+    placement.release()
+    assert os.sched_getaffinity(0) == before
+    assert sum("cannot set the CPU affinity" in r.getMessage() for r in caplog.records) == 1
