@@ -4,7 +4,8 @@
                                                             [--contenders ours,plain,echo] [--perf OUT]
 
 Each contender (ours = ``python -m server`` of this tree with KServe ModelInfer raw contents, or ``infer`` for
-ConvService/Infer, or ``bound`` for ours with ``--omp-bind spread``; plain = benchmarks/service.py's hand-written grpcio + torch server; echo = the gRPC echo of the
+ConvService/Infer (``infer-sdk``: the request as the SDK encodes it, payload aligned), or ``bound`` for ours
+with ``--omp-bind spread``; plain = benchmarks/service.py's hand-written grpcio + torch server; echo = the gRPC echo of the
 same bytes) runs in its own child process, with stamps taken from CLOCK_MONOTONIC (``time.monotonic_ns``, the same
 clock in every process of one machine) at: handler entry (the first Python line of the gRPC handler), compute start
 and end (``Model.run`` / ``F.conv2d``), handler return (the bytes handed back to gRPC). This process is the client:
@@ -52,6 +53,16 @@ def _stamped(fn):
     return handler
 
 
+def _bracketed(name, fn):
+    def stamped(*args, **kwargs):
+        _stamp(name + " >")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _stamp(name + " <")
+    return stamped
+
+
 def _dump_on_term(path):
     def on_term(*_):
         with open(path, "w") as f:
@@ -63,7 +74,7 @@ def _dump_on_term(path):
 def serve(kind, port_file, stamps_path, weights_path, workers):
     """Child process: one contender with stamps; writes its port to `port_file`, its stamps on SIGTERM."""
     import grpc
-    if kind in ("ours", "infer", "bound"):
+    if kind in ("ours", "infer", "infer-sdk", "bound"):
         from server.__main__ import configure_openmp, configure_openmp_places, parse_args
         configure_openmp(None)
         configure_openmp_places("spread" if kind == "bound" else "off")  # as python -m server [--omp-bind spread]
@@ -79,6 +90,16 @@ def serve(kind, port_file, stamps_path, weights_path, workers):
                                                               response_serializer=wrapped.response_serializer)
             return wrapped
         _handlers.MethodWrapper.wrap = wrap
+        if os.environ.get("TIMELINE_DETAIL"):  # stamps at the steps between handler entry and compute start/return
+            from client import wire
+            from server import _compute, _kserve, _service, _servicer
+            for owner, attr in ((wire, "decode_model_infer_request"), (wire, "decode_infer_request"),
+                                (wire, "tensor_array"), (_kserve, "_input"), (_servicer, "required_tensor"),
+                                (_service.InferenceService, "model"), (_service.InferenceService, "route"),
+                                (_compute.ComputeExecutor, "run"), (_service.InferenceService, "_timed_job"),
+                                (wire, "model_infer_response"), (wire, "tensor_response"),
+                                (_servicer.OutputSink, "finish"), (_service.InferenceService, "infer")):
+                setattr(owner, attr, _bracketed(attr, getattr(owner, attr)))
         original_run = _model.Model.run
 
         def run(self, *args):
@@ -205,12 +226,16 @@ def main(argv=None):
     try:
         for kind in kinds:
             procs[kind], target, stamps[kind] = _start(kind, workdir, wpath, args.workers)
-            if kind in ("ours", "infer", "bound"):
+            if kind in ("ours", "infer", "infer-sdk", "bound"):
                 register_models(target, weights)
-            method = {"ours": KSERVE_INFER, "bound": KSERVE_INFER, "infer": CONV_INFER, "plain": f"/{PLAIN_SERVICE}/{model}",
+            method = {"ours": KSERVE_INFER, "bound": KSERVE_INFER, "infer": CONV_INFER, "infer-sdk": CONV_INFER, "plain": f"/{PLAIN_SERVICE}/{model}",
                       "echo": "/bench.Echo/Echo"}[kind]
             calls[kind] = _channel(target).unary_unary(method)
-            reqs[kind] = requests[{"ours": "kserve", "bound": "kserve", "infer": "infer"}.get(kind, kind)]
+            if kind == "infer-sdk":  # the SDK's encoding: the payload aligned in the message (no copy on arrival)
+                from client import wire
+                reqs[kind] = wire.infer_request(model, x)
+            else:
+                reqs[kind] = requests[{"ours": "kserve", "bound": "kserve", "infer": "infer"}.get(kind, kind)]
             for _ in range(args.warmup):
                 calls[kind](reqs[kind], timeout=60)
         perf = None
@@ -256,6 +281,16 @@ def main(argv=None):
         mean = statistics.mean(r["total"] for r in rows)
         print(f"  {kind:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in med.items())
               + f"  (total p90 {p90:.3f}, mean {mean:.3f})")
+        if os.environ.get("TIMELINE_DETAIL"):  # every stamp's median offset from the handler entry (first of each)
+            offsets, current = {}, None
+            for event, t in events:
+                if event == "entry":
+                    current, seen = t, set()
+                elif current is not None and event not in seen:
+                    seen.add(event)
+                    offsets.setdefault(event, []).append((t - current) / 1e6)
+            order = sorted(offsets, key=lambda e: statistics.median(offsets[e]))
+            print("    " + ", ".join(f"{e} {statistics.median(offsets[e]):.3f}" for e in order))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)
