@@ -84,10 +84,10 @@ class TeamPlacement:
     """Where the RPC thread that leads an OpenMP team runs while it computes, when the team's threads are bound.
 
     ``--omp-bind spread`` (`server.__main__.configure_openmp_places`) sets ``OMP_PROC_BIND=spread`` with one
-    place per CPU, so that the team's worker runs on a CPU of its own (the scheduler otherwise packs it onto the leader's CPU after an idle
-    gap, and the two halves of the convolution run one after the other). The OpenMP runtime binds a team's
-    leader once, to the first place, at its first parallel region, and binds the thread that loaded it (the one
-    that imported convcore) at start-up; left so, every RPC thread that ever computed, and every thread started
+    place per CPU, so that the team's worker runs on a CPU of its own (the scheduler otherwise packs it onto the
+    leader's CPU after an idle gap, and the two halves of the convolution run one after the other). The OpenMP
+    runtime binds a team's leader once, to the first place, at its first parallel region, and binds the thread
+    that loaded it (the one that imported convcore) at start-up; left so, every RPC thread that ever computed, and every thread started
     from the importing one, would share one CPU. So the leader is pinned to the first place only while it runs a
     job of two or more threads (its worker is on another place), and every thread gets the whole CPU set back
     after its job. Built from the environment the runtime read: `from_environ` returns None (nothing done) unless
