@@ -294,8 +294,11 @@ def main(argv=None):
     if policy is not None or not (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")):
         os.environ["OMP_WAIT_POLICY"] = policy or "passive"
         os.environ.pop("GOMP_SPINCOUNT", None)
+    from server.__main__ import configure_openmp_places
+    bind = "spread" if "--omp-bind=spread" in args.server_arg or "spread" in args.server_arg else "off"
     print(f"OpenMP: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, placement: {configure_openmp_places(bind)}",
+          flush=True)
 
     import concurrent.futures
 

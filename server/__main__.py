@@ -66,6 +66,11 @@ def _parse(argv):
                    help="what idle OpenMP threads do between convolutions: passive (sleep at once, the default "
                         "unless $OMP_WAIT_POLICY or $GOMP_SPINCOUNT is set) leaves the cores to gRPC's threads; "
                         "active spins (lowest latency for back-to-back large calls, burns a core)")
+    p.add_argument("--omp-bind", choices=OMP_BIND_CHOICES, default="off",
+                   help="OpenMP thread placement: spread binds the team one thread per CPU (calls after an idle "
+                        "pause compute on both CPUs; a bound thread waits when another process holds its CPU), off "
+                        "leaves placement to the scheduler; a placement in the environment (OMP_PROC_BIND, "
+                        "OMP_PLACES, GOMP_CPU_AFFINITY) wins over both")
     p.add_argument("--grace", type=float, default=defaults["grace_seconds"].default, metavar="SECONDS",
                    help="seconds in-flight calls may take to finish on shutdown")
     p.add_argument("--max-batch-size", type=_positive_int, default=defaults["kserve_max_batch_size"].default,
@@ -136,6 +141,67 @@ def configure_openmp(policy, environ=os.environ):
     return policy
 
 
+#: --omp-bind values.
+OMP_BIND_CHOICES = ("off", "spread")
+#: Set by the user, any of these decides OpenMP thread placement instead of `configure_openmp_places`.
+_PLACEMENT_ENV = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+
+
+def _cpu_quota():
+    """CPUs the cgroup's CPU quota allows (v2 ``cpu.max``, v1 ``cfs_quota_us``), or None: no quota. (convcore has
+    the same reader, but importing convcore starts the OpenMP runtime, which must not have started yet.)"""
+    for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "period")):
+        try:
+            with open(path) as f:
+                words = f.read().split()
+            if split:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    words.append(f.read().strip())
+            if words[0] not in ("max", "-1"):
+                return max(1, int(words[0]) // int(words[1]))
+            return None
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def configure_openmp_places(bind, environ=os.environ, cpus=None, quota=None):
+    """With `bind` ``"spread"`` (``--omp-bind spread``; the default is ``"off"``), bind the OpenMP team's threads
+    one per CPU (``OMP_PROC_BIND=spread``, one place per usable CPU) when this process has its CPUs to itself; must
+    run before convcore is imported. Returns what is in force, for the log.
+
+    Why: on this kind of VM the scheduler packs a woken thread onto the CPU of the thread that woke it when the
+    machine has been idle for a few ms, so a call arriving after a pause ran its 2-thread convolution with both
+    threads on one CPU, one after the other (medium: 2.7-2.9 ms instead of 1.5-1.8; BENCHMARKS.md, issue 10,
+    session of 2026-12-02 06:30). Bound, the team's worker runs on its own CPU. The RPC thread that leads the team is
+    pinned to the first place only while it computes (`server._compute.TeamPlacement`), so every other thread keeps
+    the whole CPU set.
+
+    Why off by default: a bound thread cannot move. When another process (the client, a sidecar, another job)
+    holds the CPU the worker is bound to, the worker waits for it where an unbound one would run elsewhere; on a
+    loaded machine that lengthened the tail (p90 8.4 against 6.5 ms at a 2 ms pause, and closed loops at C=1
+    1.0-1.4x slower; BENCHMARKS.md). Not bound either: with fewer than 2 CPUs; when a cgroup quota allows fewer
+    CPUs than the process may run on (a container sharing a host's cores); and when the environment already has a
+    placement.
+    """
+    if bind not in OMP_BIND_CHOICES:
+        raise ValueError(f"bind must be one of {OMP_BIND_CHOICES}, got {bind!r}")
+    given = [k for k in _PLACEMENT_ENV if environ.get(k)]
+    if given:
+        return "from the environment (" + ", ".join(f"{k}={environ[k]}" for k in given) + ")"
+    if bind == "off":
+        return "left to the scheduler (--omp-bind off)"
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < 2:
+        return "not bound (one usable CPU)"
+    quota = _cpu_quota() if quota is None else quota
+    if quota is not None and quota < len(cpus):
+        return f"not bound (the CPU quota allows {quota} of the {len(cpus)} CPUs this process may run on)"
+    environ["OMP_PROC_BIND"] = "spread"
+    environ["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in cpus)
+    return f"one thread per CPU (OMP_PROC_BIND=spread, OMP_PLACES={environ['OMP_PLACES']})"
+
+
 def _write_port_file(path, port):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -148,9 +214,11 @@ def main(argv=None):
     (address, config, port_file, log_level), args = _parse(argv)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     omp_wait = configure_openmp(args.omp_wait)
+    omp_places = configure_openmp_places(args.omp_bind)
     from ._app import create_server  # imports convcore, which starts the OpenMP runtime: after configure_openmp
     from ._compute import configure_allocator
     log.info("OpenMP wait policy: %s", omp_wait)
+    log.info("OpenMP thread placement: %s", omp_places)
     log.info("allocator: %s", configure_allocator())
     stop = threading.Event()
     received = []

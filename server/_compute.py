@@ -30,7 +30,7 @@ import convcore
 from ._errors import RequestCancelled
 from ._limits import blocking
 
-__all__ = ["BufferPool", "CancelToken", "ComputeExecutor", "configure_allocator"]
+__all__ = ["BufferPool", "CancelToken", "ComputeExecutor", "TeamPlacement", "configure_allocator"]
 
 log = logging.getLogger("server")
 
@@ -79,6 +79,57 @@ def configure_allocator(environ=os.environ):
     if not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
         return "the C library's defaults (mallopt refused)"
     return f"freed memory kept (mmap threshold {_MMAP_THRESHOLD >> 20} MiB, trim threshold {_TRIM_THRESHOLD >> 20} MiB)"
+
+
+class TeamPlacement:
+    """Where the RPC thread that leads an OpenMP team runs while it computes, when the team's threads are bound.
+
+    ``--omp-bind spread`` (`server.__main__.configure_openmp_places`) sets ``OMP_PROC_BIND=spread`` with one
+    place per CPU, so that the team's worker runs on a CPU of its own (the scheduler otherwise packs it onto the
+    leader's CPU after an idle gap, and the two halves of the convolution run one after the other). The OpenMP
+    runtime binds a team's leader once, to the first place, at its first parallel region, and binds the thread
+    that loaded it (the one that imported convcore) at start-up; left so, every RPC thread that ever computed, and every thread started
+    from the importing one, would share one CPU. So the leader is pinned to the first place only while it runs a
+    job of two or more threads (its worker is on another place), and every thread gets the whole CPU set back
+    after its job. Built from the environment the runtime read: `from_environ` returns None (nothing done) unless
+    the placement is the one the server writes (``{a},{b},...``, one CPU each).
+    """
+
+    __slots__ = ("leader", "cpus", "_warned")
+
+    def __init__(self, leader, cpus):
+        self.leader, self.cpus = frozenset(leader), frozenset(cpus)
+        self._warned = False
+
+    @classmethod
+    def from_environ(cls, environ=os.environ):
+        if environ.get("OMP_PROC_BIND") != "spread" or environ.get("GOMP_CPU_AFFINITY"):
+            return None
+        places = environ.get("OMP_PLACES", "").split(",")
+        cpus = []
+        for place in places:
+            if not (place.startswith("{") and place.endswith("}") and place[1:-1].isdigit()):
+                return None
+            cpus.append(int(place[1:-1]))
+        return cls({cpus[0]}, cpus) if len(cpus) >= 2 else None
+
+    def lead(self):
+        """Pin the calling thread to the first place (it is about to lead a team)."""
+        self._set(self.leader)
+
+    def release(self):
+        """Give the calling thread every CPU of the placement again."""
+        self._set(self.cpus)
+
+    def _set(self, cpus):
+        # A CPU taken offline (or a cgroup cpuset shrunk) since start-up: compute anyway, where the thread may run.
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot set the CPU affinity of a compute thread to %s (%s); computing without it",
+                            sorted(cpus), exc)
 
 
 class BufferPool:
@@ -154,6 +205,11 @@ class ComputeExecutor:
     def __init__(self, omp_threads=None, slots=None, observe=None):
         self.omp_threads = omp_threads
         self._observe = observe
+        # Bound OpenMP threads (see TeamPlacement): the thread that loaded the runtime was pinned to one CPU, and
+        # convcore counts the calling thread's CPUs.
+        self.placement = TeamPlacement.from_environ() if convcore.openmp_enabled() else None
+        if self.placement is not None:
+            self.placement.release()
         team = convcore.resolve_num_threads(omp_threads)
         # convcore owns the CPU count: affinity capped by the cgroup quota. resolve_num_threads(-1) would be the
         # affinity alone, so a container limited to 2 CPUs on a 16-core host would get 16 // team slots.
@@ -208,10 +264,15 @@ class ComputeExecutor:
             with blocking():  # this RPC worker sleeps: let another one take queued calls meanwhile
                 held = self._wait(context, token, waiter)
         started = time.perf_counter()
+        placement = self.placement
         try:
             token.check()
+            if placement is not None and held >= 2:
+                placement.lead()
             return fn(token, held or 1, *args)
         finally:
+            if placement is not None:
+                placement.release()  # also after a one-thread job: its first region pinned this thread
             if held:
                 self._release(held)
             if self._observe is not None:

@@ -10,6 +10,7 @@ Shared memory (Triton's parameters): an input carrying ``shared_memory_region`` 
 carrying them is written into that region (and nothing is sent for it in the response but its shape).
 """
 import contextlib
+import math
 import os
 import time
 
@@ -229,11 +230,13 @@ class KServeServicer:
         region, byte_size, offset = shm_out
         model.check_input(x, f"inputs[0] ({INPUT!r})")
         shape = self._service.route(model, x.shape).output_shape
-        nbytes = int(np.prod(shape)) * model.dtype.itemsize
+        nbytes = math.prod(shape) * model.dtype.itemsize
         if nbytes > byte_size:  # refused before computing, not after
             raise SharedMemoryError(f"output shared_memory_byte_size is {byte_size}, the tensor needs {nbytes} bytes")
         # Held across the call: a region unregistered meanwhile stays open until the call ends (which then fails).
-        access = held.enter_context(self._shm.use(region))
+        # The input's access when both are in one region (one size check, one verify).
+        same = in_access is not None and in_access.name == region
+        access = in_access if same else held.enter_context(self._shm.use(region))
         taken, in_place = [], []
 
         def output(shape, dtype):
@@ -248,9 +251,9 @@ class KServeServicer:
         def after(y):
             if not in_place:
                 access.write(offset, byte_size, y)
-            if in_access is not None:
+            if in_access is not None and not same:
                 in_access.verify("input")
-            access.verify("output")
+            access.verify("input and output" if same else "output")
 
         try:
             out = self._service.infer(context, model, x, output, field=f"inputs[0] ({INPUT!r})", after=after,

@@ -235,7 +235,9 @@ class Model:
             return route
         if max_output_bytes is not None:
             self._check_layer_outputs(x_shape, max_output_bytes)
-        plans = self.plans(x_shape, num_threads)
+        # An explicit count, not None: a plan made with None counts the CPUs of the thread that runs it, per call,
+        # and the thread leading a team runs pinned to one CPU (server._compute.TeamPlacement).
+        plans = self.plans(x_shape, convcore.resolve_num_threads(num_threads))
         n = x_shape[0]
         shapes = tuple(tuple(plan.output_shape(n)) for plan in plans)
         # Ask the plans: convcore weighs depthwise and packed NHWC work differently from their FLOPs when it picks a

@@ -302,12 +302,18 @@ class SharedMemoryRegistry:
 
 
 class _Access:
-    """One request's hold on a region: bounds-checked, size-checked reads and writes, then release."""
+    """One request's hold on a region: bounds-checked, size-checked reads and writes, then release.
 
-    __slots__ = ("_region",)
+    A request whose input and output are in the same region (what Triton's clients and our SDK send) uses one
+    access for both: the object's size is read once for the two checks before the compute (`_check`; the SIGBUS
+    guard covers a shrink after it), and `verify` once after it.
+    """
+
+    __slots__ = ("_region", "_stat")
 
     def __init__(self, region):
         self._region = region
+        self._stat = None  # the object's fstat, taken by the first check of this access
 
     def __enter__(self):
         return self
@@ -329,6 +335,11 @@ class _Access:
     def byte_size(self):
         return self._region.byte_size
 
+    @property
+    def name(self):
+        """The region's registered name."""
+        return self._region.name
+
     def _check(self, what, offset, nbytes, byte_size):
         """Bounds within the region, then the live object: returns the absolute file offset."""
         r = self._region
@@ -345,7 +356,9 @@ class _Access:
         if r.closed:
             raise SharedMemoryError(f"shared-memory region {r.name!r} was unregistered while this request used it")
         self._check_fault()
-        st = os.fstat(r.fd)
+        st = self._stat
+        if st is None or self._region.bytes is None:  # copies (no guard) re-read the size before each access
+            st = self._stat = os.fstat(r.fd)
         if st.st_nlink == 0:
             raise SharedMemoryError(f"the shared-memory object {r.key!r} of region {r.name!r} was unlinked; "
                                     f"unregister the region")
@@ -421,6 +434,7 @@ class _Access:
         """Copy `array` (C-contiguous) to `offset` in the region; `byte_size` (or None) must hold it."""
         array = np.ascontiguousarray(array)
         nbytes = array.nbytes
+        self._stat = None  # after a compute: the object's size now, not the one checked before it
         pos = self._check("output", offset, nbytes, byte_size)
         buf = memoryview(array.reshape(-1).view(np.uint8))
         done = 0

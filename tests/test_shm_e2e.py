@@ -133,6 +133,32 @@ def test_raw_kserve_request_with_offsets_writes_the_output_in_place(client, stub
             stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=region.name))
 
 
+def test_input_and_output_in_two_regions(client, stub):
+    """The input's region and the output's are held and checked each on its own (one access when they are the
+    same region, two here); an unknown output region is refused before anything is computed."""
+    x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    expected = client.infer("shm", x)
+    with SharedMemoryRegion(4096) as src, SharedMemoryRegion(4096) as dst:
+        src.write(x)
+        for region in (src, dst):
+            stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key,
+                                                                                 byte_size=4096))
+        try:
+            request = shm_infer_request(x, src.name, out_size=expected.nbytes)
+            request.outputs[0].parameters["shared_memory_region"].string_param = dst.name
+            request.outputs[0].parameters["shared_memory_offset"].int64_param = 512
+            reply = stub.ModelInfer(request)
+            assert list(reply.outputs[0].shape) == list(expected.shape)
+            np.testing.assert_array_equal(dst.array(expected.shape, np.float32, 512), expected)
+            np.testing.assert_array_equal(src.array(x.shape, np.float32, 0), x)  # the input left as it was
+            request.outputs[0].parameters["shared_memory_region"].string_param = "nope"
+            code, details = code_of(stub.ModelInfer, request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "region 'nope' is not registered" in details
+        finally:
+            for region in (src, dst):
+                stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=region.name))
+
+
 def test_bounds_and_unknown_regions(client, stub):
     x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)  # 1024 bytes in, 2048 out
     with SharedMemoryRegion(4096) as region:
