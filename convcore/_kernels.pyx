@@ -45,6 +45,14 @@ cdef extern from "_gemm.h" nogil:
     const cc_gemm_kernels* cc_gemm_pick(int isa)
     void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 
+cdef extern from "_nhwc_gemm.h" nogil:
+    ctypedef struct cc_nhwc_igemm:
+        cc_igemm_f32_t f32
+        cc_igemm_f64_t f64
+        int mr, nv
+    void cc_nhwc_wide_shape(int isa, int itemsize, int* mr, int* nr)
+    int cc_nhwc_igemm_pick(int isa, int itemsize, int mr, int nr, cc_nhwc_igemm* out)
+
 # Algorithms (kept in sync with convcore._api)
 cdef enum:
     ALGO_IM2COL = 0
@@ -74,6 +82,7 @@ cdef struct Geom:
                                  # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
     bint fold                    # packed NHWC: pixel tiles run over the whole batch's N*P pixels (small images)
     const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
+    cc_nhwc_igemm nhwc_igemm     # packed NHWC: the igemm of the plan's MR x NR (default or wide: _nhwc_gemm.h)
 
 
 cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
@@ -416,9 +425,9 @@ cdef inline void _hukr(const Geom* g, idx_t K, const floating* a, const floating
 cdef inline void _iukr(const Geom* g, idx_t ntaps, idx_t klen, const floating** ap, idx_t koff, const floating* b,
                        floating* c, idx_t ldc, idx_t mr, idx_t nr, int add) noexcept nogil:
     if floating is float:
-        g.kern.igemm_f32(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
+        g.nhwc_igemm.f32(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
     else:
-        g.kern.igemm_f64(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
+        g.nhwc_igemm.f64(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
 
 
 cdef void _item_packed_nchw(const Geom* g, const floating* x, const floating* wp, const floating* bias,
@@ -736,6 +745,13 @@ def gemm_shape(int isa, int itemsize, bint channels_last, bint narrow=False):
     return mr, nr
 
 
+def nhwc_wide_shape(int isa, int itemsize):
+    """(MR, NR) of the level's wide packed NHWC igemm (_nhwc_gemm.h; the default shape where there is none)."""
+    cdef int mr, nr
+    cc_nhwc_wide_shape(isa, itemsize, &mr, &nr)
+    return mr, nr
+
+
 # ---------------------------------------------------------------------------------------------- depthwise
 cdef void _depthwise_nchw_plane(const Geom* g, const floating* x, const floating* w, const floating* bias,
                                 floating* out, idx_t it) noexcept nogil:
@@ -1006,6 +1022,8 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
             if ptrs is None or zeros is None or ptrs.shape[0] < pws * num_threads or \
                     zeros.shape[0] < (g.Cig * g.KW if g.apack == 2 else g.Cig):
                 raise ValueError("packed NHWC run needs ptrs and zeros workspaces of the planned size")
+            if g.apack != 1 and not cc_nhwc_igemm_pick(isa, sizeof(floating), g.MR, g.NR, &g.nhwc_igemm):
+                raise ValueError(f"no packed NHWC kernel of tile {g.MR}x{g.NR} at kernel level {isa}")
             pwp = <const floating**> &ptrs[0]
             zp = &zeros[0]
             if g.fold:
