@@ -42,6 +42,8 @@ BATCHED_MAX_PANELS = 4
 APACK_MAX_CIG = 16
 
 _max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
+#: Packed NHWC plans may take the wide igemm (_nhwc_gemm.h); tests turn it off to compare with the default shape.
+_NHWC_WIDE = True
 
 
 def get_max_output_bytes():
@@ -186,6 +188,7 @@ class ConvPlan:
         self._ptr_pool = _WorkspacePool(np.intp)
         self._mr, self._nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, geo.channels_last)
         self._narrow = False
+        self._kc_nr = self._nr   # the K block is sized for the default panel width, whatever shape is picked
         # NHWC with few channels per group: gather pixels into A panels (see _item_packed_nhwc). Measured on
         # ResNet conv1 (3 channels), Zen 4, one thread: 51 vs 31 GFLOP/s through the per-tap pointers.
         self._apack = int(geo.channels_last and cig < APACK_MAX_CIG)
@@ -193,6 +196,15 @@ class ConvPlan:
             # ... or, better, read a kernel row's KW taps (KW*Cig contiguous floats) in place through one pointer:
             # no gather (it took more time than the micro-kernel on ResNet conv1, perf); see _item_packed_nhwc.
             self._apack = 2
+        if geo.channels_last and self._algo == ALGO_PACKED and self._apack != 1 and _NHWC_WIDE:
+            # The wide igemm (AVX-512: 6 pixels x 64 channels instead of 12 x 32; _nhwc_gemm.h) when its panels
+            # fill up: fewer loads and row pointers per FMA; the gathered-A kind (apack 1) has only the default.
+            # Measured 2 threads, Zen 4, vs the 12 x 32 plan in one process: +5-20% on the dense 3x3 rows and
+            # ResNet conv1 b8 (BENCHMARKS.md, session of 2026-12-02). Its K block stays the default's (kc 192
+            # here: a 48 KiB weight panel streams from L2 in order; 96 or 384 measured no better).
+            mr, nr = _kernels.nhwc_wide_shape(self._isa, self.dtype.itemsize)
+            if nr != self._nr and cog % nr == 0:
+                self._mr, self._nr = mr, nr
         # Packed NCHW, 2-D, a real kernel window: taps index a zero-padded copy of the input rows (split into
         # stride phases) instead of gathering a column row each (_item_packed_nchw_pad); its pixel grid is
         # OH x (OW + (KW-1)*DW // SW).
@@ -220,7 +232,7 @@ class ConvPlan:
                     and P <= BATCHED_MAX_PANELS * self._nr:
                 self._narrow = int(self._narrow) | NCHW_BATCHED
         self._kc = min(_k_block, self._ck) if _k_block is not None else \
-            k_block(self._nr, self.dtype.itemsize, self._ck)
+            k_block(self._kc_nr, self.dtype.itemsize, self._ck)
 
         # Weights in the engine's layout: OI* rows for NCHW (out = W · col), *IO for NHWC (out = col · W).
         if geo.channels_last and not geo.kernel_io:

@@ -45,6 +45,14 @@ cdef extern from "_gemm.h" nogil:
     const cc_gemm_kernels* cc_gemm_pick(int isa)
     void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 
+cdef extern from "_nhwc_gemm.h" nogil:
+    ctypedef struct cc_nhwc_igemm:
+        cc_igemm_f32_t f32
+        cc_igemm_f64_t f64
+        int mr, nv
+    void cc_nhwc_wide_shape(int isa, int itemsize, int* mr, int* nr)
+    int cc_nhwc_igemm_pick(int isa, int itemsize, int mr, int nr, cc_nhwc_igemm* out)
+
 # Algorithms (kept in sync with convcore._api)
 cdef enum:
     ALGO_IM2COL = 0
@@ -74,6 +82,7 @@ cdef struct Geom:
                                  # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
     bint fold                    # packed NHWC: pixel tiles run over the whole batch's N*P pixels (small images)
     const cc_gemm_kernels* kern  # packed path: the level's micro-kernels (_gemm.h)
+    cc_nhwc_igemm nhwc_igemm     # packed NHWC: the igemm of the plan's MR x NR (default or wide: _nhwc_gemm.h)
 
 
 cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
@@ -416,9 +425,9 @@ cdef inline void _hukr(const Geom* g, idx_t K, const floating* a, const floating
 cdef inline void _iukr(const Geom* g, idx_t ntaps, idx_t klen, const floating** ap, idx_t koff, const floating* b,
                        floating* c, idx_t ldc, idx_t mr, idx_t nr, int add) noexcept nogil:
     if floating is float:
-        g.kern.igemm_f32(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
+        g.nhwc_igemm.f32(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
     else:
-        g.kern.igemm_f64(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
+        g.nhwc_igemm.f64(ntaps, klen, ap, koff, b, c, ldc, mr, nr, add)
 
 
 cdef void _item_packed_nchw(const Geom* g, const floating* x, const floating* wp, const floating* bias,
@@ -600,6 +609,93 @@ cdef void _item_packed_nchw_batched(const Geom* g, const floating* x, const floa
         q += seg
 
 
+cdef void _nhwc_panel_ptrs(const Geom* g, const floating* x, const floating* xn, idx_t grp, const floating** pp0,
+                           const floating* zeros, idx_t npix, idx_t* cur, floating** segp, bint rows, idx_t KW,
+                           idx_t KK) noexcept nogil:
+    """The row pointers of one MR-pixel panel of a packed NHWC item, [tap][MR] at pp0 (see _item_packed_nhwc).
+
+    `npix` pixels are real, the rest of the panel points at `zeros`. `cur` = (image, od, oh, ow) of the panel's first
+    pixel, stepped past its last: a pixel's position is counted, not divided out per pixel (the divisions took most
+    of the set-up's time on ResNet conv1, perf: one idiv was 11% of the item's own samples, and a conv1 pixel's K is
+    only 147). Rows that straddle the W padding (rows mode) are copied, zero-filled, to *segp, which is advanced.
+    """
+    cdef idx_t i, tap, kd, kh, kw, id_, ih, iw, id0, ih0, iw0, jlo, jhi
+    cdef idx_t MR = g.MR, HWC = g.H * g.W * g.C, Cig = g.Cig * (g.KW // KW)
+    cdef size_t cbytes = g.Cig * sizeof(floating)
+    cdef const floating** pp
+    cdef const floating* src
+    cdef const floating* base
+    cdef floating* seg = segp[0]
+    for i in range(MR):
+        pp = pp0 + i
+        if i >= npix:
+            for tap in range(KK):
+                pp[tap * MR] = zeros
+            continue
+        if g.fold:
+            xn = x + cur[0] * g.D * HWC + grp * g.Cig
+        id0 = cur[1] * g.SD - g.PD
+        ih0 = cur[2] * g.SH - g.PH
+        iw0 = cur[3] * g.SW - g.PW
+        if id0 >= 0 and id0 + (g.KD - 1) * g.DD < g.D and ih0 >= 0 and ih0 + (g.KH - 1) * g.DH < g.H \
+                and iw0 >= 0 and iw0 + (g.KW - 1) * g.DW < g.W:
+            # every tap inside the input (most pixels): fixed offsets from the window's corner
+            base = xn + ((id0 * g.H + ih0) * g.W + iw0) * g.C
+            tap = 0
+            for kd in range(g.KD):
+                for kh in range(g.KH):
+                    src = base + (kd * g.DD * g.H + kh * g.DH) * g.W * g.C
+                    for kw in range(KW):
+                        pp[tap * MR] = src + kw * g.DW * g.C
+                        tap += 1
+        else:
+            tap = 0
+            for kd in range(g.KD):
+                id_ = id0 + kd * g.DD
+                for kh in range(g.KH):
+                    ih = ih0 + kh * g.DH
+                    if rows:
+                        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
+                            pp[tap * MR] = zeros
+                        elif iw0 >= 0 and iw0 + g.KW <= g.W:
+                            pp[tap * MR] = xn + ((id_ * g.H + ih) * g.W + iw0) * g.C
+                        else:
+                            # one group (C == Cig): the row's taps inside the input are one contiguous run
+                            src = xn + (id_ * g.H + ih) * g.W * g.C
+                            jlo = -iw0 if iw0 < 0 else 0
+                            jhi = g.W - iw0 if iw0 + g.KW > g.W else g.KW
+                            if jhi < jlo:
+                                jhi = jlo
+                            if jlo > 0:
+                                memset(seg, 0, jlo * cbytes)
+                            if jhi > jlo:
+                                memcpy(seg + jlo * g.Cig, src + (iw0 + jlo) * g.C, (jhi - jlo) * cbytes)
+                            if jhi < g.KW:
+                                memset(seg + jhi * g.Cig, 0, (g.KW - jhi) * cbytes)
+                            pp[tap * MR] = seg
+                            seg += Cig
+                        tap += 1
+                        continue
+                    for kw in range(g.KW):
+                        iw = iw0 + kw * g.DW
+                        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H or <size_t> iw >= <size_t> g.W:
+                            pp[tap * MR] = zeros
+                        else:
+                            pp[tap * MR] = xn + ((id_ * g.H + ih) * g.W + iw) * g.C
+                        tap += 1
+        cur[3] += 1
+        if cur[3] == g.OW:
+            cur[3] = 0
+            cur[2] += 1
+            if cur[2] == g.OH:
+                cur[2] = 0
+                cur[1] += 1
+                if cur[1] == g.OD:
+                    cur[1] = 0
+                    cur[0] += 1
+    segp[0] = seg
+
+
 cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp, const floating* bias,
                             floating* out, const floating** ptrs, const floating* zeros, floating* ws,
                             idx_t it) noexcept nogil:
@@ -607,7 +703,7 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
 
     No column matrix at all: for each MR pixels and each kernel tap, a pointer to the Cig input channels that tap
     reads (or to `zeros` for padding and for the missing pixels of the last MR group), built once per item in this
-    thread's pointer workspace. The weights are packed in the plan as [channel panel][tap][ci][NR]. K blocks are
+    thread's pointer workspace, one panel at a time just before its first use (_nhwc_panel_ptrs). The weights are packed in the plan as [channel panel][tap][ci][NR]. K blocks are
     whole taps (kc // Cig of them) or, when one tap has more than kc channels, a channel range of one tap.
     With few channels per group (conv1's 3) a tap is too short to pay for reloading MR pointers. Then, when one
     group spans all channels and the kernel is not dilated along W (g.apack == 2), the KW taps of a kernel row are
@@ -640,57 +736,20 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
     cdef const floating* xn = x + n * g.D * g.H * g.W * g.C + grp * g.Cig
     cdef floating* c = out + (n * g.P + p0) * g.Cout + co0
     cdef const floating* wg = wp + (grp * npg + m0 // NR) * CK * NR
-    cdef idx_t mp, i, p, q, od, oh, ow, kd, kh, kw, id_, ih, iw, tap, t0, nt, koff, kl, jp, tt, ci, kb, iw0, j
-    cdef const floating** pp
+    cdef idx_t mp, i, q, tap, t0, nt, koff, kl, jp, tt, ci, kb
+    cdef idx_t cur[4]            # (image, od, oh, ow) of the next pixel whose pointers are built
     cdef const floating* src
     cdef floating* ap
     cdef floating* seg = ws      # rows: the next free zero-padded row copy
-    cdef size_t cbytes = g.Cig * sizeof(floating)
-    for mp in range(mpan):
-        for i in range(MR):
-            pp = ptrs + mp * KK * MR + i
-            p = p0 + mp * MR + i
-            if p >= p0 + T:
-                for tap in range(KK):
-                    pp[tap * MR] = zeros
-                continue
-            if g.fold:
-                xn = x + (p // g.P) * g.D * g.H * g.W * g.C + grp * g.Cig
-                q = p % g.P
-            else:
-                q = p
-            ow = q % g.OW
-            oh = (q // g.OW) % g.OH
-            od = q // (g.OW * g.OH)
-            tap = 0
-            for kd in range(g.KD):
-                id_ = od * g.SD - g.PD + kd * g.DD
-                for kh in range(g.KH):
-                    ih = oh * g.SH - g.PH + kh * g.DH
-                    if rows:
-                        iw0 = ow * g.SW - g.PW
-                        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H:
-                            pp[tap * MR] = zeros
-                        elif iw0 >= 0 and iw0 + g.KW <= g.W:
-                            pp[tap * MR] = xn + ((id_ * g.H + ih) * g.W + iw0) * g.C
-                        else:
-                            src = xn + (id_ * g.H + ih) * g.W * g.C
-                            for j in range(g.KW):
-                                if <size_t> (iw0 + j) >= <size_t> g.W:
-                                    memset(seg + j * g.Cig, 0, cbytes)
-                                else:
-                                    memcpy(seg + j * g.Cig, src + (iw0 + j) * g.C, cbytes)
-                            pp[tap * MR] = seg
-                            seg += Cig
-                        tap += 1
-                        continue
-                    for kw in range(g.KW):
-                        iw = ow * g.SW - g.PW + kw * g.DW
-                        if <size_t> id_ >= <size_t> g.D or <size_t> ih >= <size_t> g.H or <size_t> iw >= <size_t> g.W:
-                            pp[tap * MR] = zeros
-                        else:
-                            pp[tap * MR] = xn + ((id_ * g.H + ih) * g.W + iw) * g.C
-                        tap += 1
+    q = p0 % g.P if g.fold else p0
+    cur[0] = p0 // g.P if g.fold else n
+    cur[1] = q // (g.OW * g.OH)
+    cur[2] = (q // g.OW) % g.OH
+    cur[3] = q % g.OW
+    if g.apack == 1:
+        for mp in range(mpan):
+            _nhwc_panel_ptrs(g, x, xn, grp, ptrs + mp * KK * MR, zeros,
+                             MR if T - mp * MR > MR else T - mp * MR, cur, &seg, rows, KW, KK)
     cdef idx_t taps_per_block = g.kc // Cig if g.kc >= Cig else 1
     t0 = 0
     koff = 0
@@ -718,6 +777,11 @@ cdef void _item_packed_nhwc(const Geom* g, const floating* x, const floating* wp
         else:
             for jp in range(npan):
                 for mp in range(mpan):
+                    if t0 == 0 and koff == 0 and jp == 0:
+                        # a panel's pointers are built just before their first use, so they are written and read
+                        # in L1 (built all up front, an item's 40-50 KiB of pointers missed L1 on every store)
+                        _nhwc_panel_ptrs(g, x, xn, grp, ptrs + mp * KK * MR, zeros,
+                                         MR if T - mp * MR > MR else T - mp * MR, cur, &seg, rows, KW, KK)
                     _iukr(g, nt, kl, ptrs + (mp * KK + t0) * MR, koff, wg + (jp * CK + t0 * Cig + koff) * NR,
                           c + mp * MR * g.Cout + jp * NR, g.Cout, MR if T - mp * MR > MR else T - mp * MR,
                           NR if M - jp * NR > NR else M - jp * NR, t0 > 0 or koff > 0)
@@ -733,6 +797,13 @@ def gemm_shape(int isa, int itemsize, bint channels_last, bint narrow=False):
     """(MR, NR) of the packed micro-kernel the plan will run (for its weight packing and tiling)."""
     cdef int mr, nr
     cc_gemm_shape(isa, itemsize, channels_last, narrow, &mr, &nr)
+    return mr, nr
+
+
+def nhwc_wide_shape(int isa, int itemsize):
+    """(MR, NR) of the level's wide packed NHWC igemm (_nhwc_gemm.h; the default shape where there is none)."""
+    cdef int mr, nr
+    cc_nhwc_wide_shape(isa, itemsize, &mr, &nr)
     return mr, nr
 
 
@@ -1006,6 +1077,8 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
             if ptrs is None or zeros is None or ptrs.shape[0] < pws * num_threads or \
                     zeros.shape[0] < (g.Cig * g.KW if g.apack == 2 else g.Cig):
                 raise ValueError("packed NHWC run needs ptrs and zeros workspaces of the planned size")
+            if g.apack != 1 and not cc_nhwc_igemm_pick(isa, sizeof(floating), g.MR, g.NR, &g.nhwc_igemm):
+                raise ValueError(f"no packed NHWC kernel of tile {g.MR}x{g.NR} at kernel level {isa}")
             pwp = <const floating**> &ptrs[0]
             zp = &zeros[0]
             if g.fold:

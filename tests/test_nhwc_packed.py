@@ -161,3 +161,87 @@ def test_small_images_fold_the_batch(level, name, threads_for_any_size):
         one = convcore.make_plan(x[2:3].shape, w, b, data_format="channels_last", **kw)
         assert not one._fold(1)
         assert np.array_equal(one.run(x[2:3]), ys[0][2:3]), name
+
+
+# ---------------------------------------------------------------------------------------------- the wide igemm
+# Dense layers whose channels per group fill whole wide panels take the wide igemm (AVX-512: 6 pixels x 4 vectors,
+# _nhwc_gemm.h); other channel counts keep the default 12 x 2. (cin, cout, groups): cog 64 and 128 (wide at every
+# dtype), 192 (3 panels), 2 groups of 64, and 96 / 40 (wide only where NR divides them: float64's 32-wide panels).
+WIDE_CHANNELS = ((16, 64, 1), (20, 128, 1), (17, 192, 1), (64, 128, 2), (24, 96, 1), (16, 40, 1))
+# (spatial, ksize, strides, dilation, padding): pixel counts that leave every remainder of 6 and 12, padding on
+# every side, stride, dilation, 1-D and 3-D.
+WIDE_GEOMETRIES = {
+    "3x3 same 7x11": ((7, 11), 3, 1, 1, "same"),
+    "5x3 s2 asymmetric": ((9, 8), (5, 3), 2, 1, ((2, 1), (0, 2))),
+    "3x3 dilated 2": ((10, 7), 3, 1, 2, "same"),
+    "1-D k4 valid": ((29,), 4, 1, 1, "valid"),
+    "3-D 3x3x3 same": ((3, 4, 5), 3, 1, 1, "same"),
+}
+
+
+def _wide_expected(plan, level, dtype, cout, groups):
+    mr, nr = convcore._kernels.nhwc_wide_shape(ISA_NAMES.index(level), np.dtype(dtype).itemsize)
+    default = convcore._kernels.gemm_shape(ISA_NAMES.index(level), np.dtype(dtype).itemsize, True)
+    wide = (mr, nr) != default and (cout // groups) % nr == 0
+    assert (plan._mr, plan._nr) == ((mr, nr) if wide else default), (level, dtype, cout, groups)
+    return wide
+
+
+@pytest.mark.parametrize("geometry", list(WIDE_GEOMETRIES))
+def test_wide_kernel_matrix(level, geometry):
+    spatial, ksize, strides, dilation, padding = WIDE_GEOMETRIES[geometry]
+    rng = np.random.default_rng(zlib.crc32(geometry.encode()))
+    seen = set()
+    for dtype in DTYPES:
+        for c, cout, groups in WIDE_CHANNELS:
+            x, w, b = _arrays(rng, spatial, ksize, c, cout, groups, dtype)
+            kw = dict(strides=strides, dilation=dilation, padding=padding, groups=groups, activation="relu")
+            plan, _ = _check(kw, x, w, b, f"{level} {geometry} {c}->{cout}/g{groups} {np.dtype(dtype)}")
+            assert plan._apack == 0
+            seen.add(_wide_expected(plan, level, dtype, cout, groups))
+    if level == "avx512":
+        assert seen == {True, False}
+
+
+@pytest.mark.parametrize("tile_size", [1, 5, 7, 13, 61])
+def test_wide_kernel_forced_tiles_chunks_and_k_blocks(level, tile_size):
+    """Tiles ending inside a 6-pixel panel, channel chunks of one wide panel, K blocks that split a tap's channels
+    (a K block of 40 of 72 channels) or hold several taps, bit-identical to the default 12 x 2 kernel (same K
+    blocks, same summation order per output)."""
+    rng = np.random.default_rng(100 + tile_size)
+    for dtype in DTYPES:
+        x, w, b = _arrays(rng, (9, 10), 3, 72, 128, 1, dtype, batch=2)
+        for extra in (dict(), dict(channel_tile=64), dict(_k_block=40), dict(_k_block=160)):
+            kw = dict(padding="same", tile_size=tile_size, data_format="channels_last", **extra)
+            plan = convcore.ConvPlan(x.shape, w, b, **kw)
+            y = plan.run(x)
+            what = f"{level} tile {tile_size} {extra} {np.dtype(dtype)}"
+            expected = reference_conv(x, w, b, data_format="channels_last", padding="same")
+            assert_conv_close(y, expected, magnitude(x, w, b, data_format="channels_last", padding="same"),
+                              dtype, what)
+            if _wide_expected(plan, level, dtype, 128, 1):
+                try:
+                    convcore._api._NHWC_WIDE = False
+                    narrow = convcore.ConvPlan(x.shape, w, b, **kw)
+                finally:
+                    convcore._api._NHWC_WIDE = True
+                assert (narrow._mr, narrow._nr) != (plan._mr, plan._nr)
+                assert np.array_equal(narrow.run(x), y), what
+
+
+def test_wide_kernel_threads_and_nonfinite(level, threads_for_any_size):
+    """Thread counts give the same bits; a NaN/Inf input or weight lands where the reference puts it."""
+    rng = np.random.default_rng(77)
+    x, w, b = _arrays(rng, (11, 13), 3, 32, 64, 1, np.float32, batch=3)
+    x[1, 0, 0, 5] = np.nan
+    x[2, 6, 12, 7] = np.inf
+    w[1, 2, 4, 63] = np.nan
+    kw = dict(padding="same", data_format="channels_last")
+    ys = [convcore.make_plan(x.shape, w, b, num_threads=t, **kw).run(x) for t in (1, 2, 3)]
+    for y in ys[1:]:
+        assert np.array_equal(y, ys[0], equal_nan=True)
+    expected = reference_conv(x, w, b, padding="same", data_format="channels_last")
+    assert np.array_equal(np.isnan(ys[0]), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert_conv_close(np.where(finite, ys[0], 0), np.where(finite, expected, 0),
+                      magnitude(x, w, b, data_format="channels_last", padding="same"), np.float32, "wide nonfinite")
