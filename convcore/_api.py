@@ -38,6 +38,15 @@ NCHW_BATCHED = 4
 BATCHED_BELOW_FILL = 0.85
 #: ... and has at most this many panels (larger images have enough columns; their own paths gather less).
 BATCHED_MAX_PANELS = 4
+#: Bit for the batched path gathering from one zero-padded copy of the whole batch (2-D layers with a window), and
+#: the elements a row copy of that gather may spill (whole chunks; see _kernels._gather_rows_padded).
+NCHW_BATCHED_PAD = 8
+GATHER_CHUNK = 8
+#: Such layers also tile across the batch when one image fills less than this fraction of the panels of its padded
+#: grid and its output rows are at most BATCHED_PAD_MAX_OW pixels (few gather chunks per row). Measured one thread,
+#: batch 8: 3x3 256->256 @14² (fill 0.875) 5-7% faster across the batch, 3x3 128->128 @28² (0.907) 4% slower.
+BATCHED_PAD_BELOW_FILL = 0.9
+BATCHED_PAD_MAX_OW = 16
 #: Packed NHWC layers with fewer input channels per group than this gather pixels into panels (see _kernels).
 APACK_MAX_CIG = 16
 
@@ -216,9 +225,13 @@ class ConvPlan:
             self._narrow = int(self._narrow) | NCHW_PADDED
         if not geo.channels_last and self._algo == ALGO_PACKED and not self._general:
             # Small images: at batch > 1, tiles run across images so the panels fill up (_item_packed_nchw_batched).
-            if math.prod(geo.out_spatial) < BATCHED_BELOW_FILL * -(-P // self._nr) * self._nr \
-                    and P <= BATCHED_MAX_PANELS * self._nr:
-                self._narrow = int(self._narrow) | NCHW_BATCHED
+            # 2-D layers with a window gather from a padded copy of the batch (the per-image gather of 7-pixel row
+            # segments cost ~11% of 3x3 512->512 @7²), cheap enough to beat a padded grid that fills < 90%.
+            fill = math.prod(geo.out_spatial) / (-(-P // self._nr) * self._nr)
+            window2d = c[0] == 1 and c[3] == 1 and c[15] == 1 and c[4] * c[5] > 1
+            if (fill < BATCHED_BELOW_FILL and P <= BATCHED_MAX_PANELS * self._nr) or \
+                    (window2d and fill < BATCHED_PAD_BELOW_FILL and c[17] <= BATCHED_PAD_MAX_OW):
+                self._narrow = int(self._narrow) | NCHW_BATCHED | (NCHW_BATCHED_PAD if window2d else 0)
         self._kc = min(_k_block, self._ck) if _k_block is not None else \
             k_block(self._nr, self.dtype.itemsize, self._ck)
 
@@ -524,8 +537,19 @@ class ConvPlan:
             if self._channel_tile is not None:
                 mchunk = min(cog, self._channel_tile)
         mchunk = min(-(-mchunk // mr) * mr, -(-cog // mr) * mr)
-        ws = self._kc * (tile + 64 // itemsize) + mchunk * tile
+        # kc rows of the tile (+ one for the padded gather's spill room), then the item's C tile
+        ws = (self._kc + bool(self._narrow & NCHW_BATCHED_PAD)) * (tile + 64 // itemsize) + mchunk * tile
         return tile, mchunk, ws, 0
+
+    def _shared_ws(self, n):
+        """Workspace elements shared by the team (after the threads' own): the batched NCHW path's padded copy of
+        the batch, N * C planes of the rows and columns its taps read (the formulas of _kernels.run), + spill room."""
+        if n < 2 or not self._narrow & NCHW_BATCHED_PAD:
+            return 0
+        c = self._canon
+        hq = (c[16] - 1) * c[7] + (c[4] - 1) * c[10] + 1
+        wq = (c[17] - 1) * c[8] + (c[5] - 1) * c[11] + 1
+        return n * self.geometry.C * hq * wq + GATHER_CHUNK
 
     def _padded_copy_bytes(self, rows):
         """Bytes of the padded input copy of a tile of `rows` output rows."""
@@ -612,7 +636,7 @@ class ConvPlan:
         tile, mchunk, ws, pws = self._tiling(n, nthreads)
         geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
             tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack, self._fold(n))
-        facts = (geom, ws * nthreads, pws * nthreads)
+        facts = (geom, ws * nthreads + self._shared_ws(n), pws * nthreads)
         if len(self._per_call) >= self._FACTS_MAX:
             self._per_call.clear()
         self._per_call[(n, nthreads)] = facts
