@@ -218,7 +218,7 @@ class ConvPlan:
             # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
             # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
             mr, nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, False, True)
-            P = c[16] * (c[17] + (c[5] - 1) * c[11] // c[8]) if self._padded else math.prod(geo.out_spatial)
+            P = c[16] * self._padded_row()[0] if self._padded else math.prod(geo.out_spatial)
             if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr:
                 self._narrow, self._nr = True, nr
         if self._padded:
@@ -555,14 +555,30 @@ class ConvPlan:
         """Bytes of the padded input copy of a tile of `rows` output rows."""
         c, geo = self._canon, self.geometry
         wp, _, hx = self._padded_grid(rows)
-        return (geo.C // geo.groups) * c[7] * c[8] * hx * wp * self.dtype.itemsize
+        return (geo.C // geo.groups) * c[7] * c[8] * (self._padded_row()[1] + hx * wp) * self.dtype.itemsize
+
+    def _padded_row(self):
+        """(Wp, lead, creach) of the padded-input path (the formulas of _kernels.run): grid columns per output row,
+        zeros before a channel's first row, grid columns past a row's last output that a tap reads.
+
+        With SW == 1 consecutive rows share their padding columns (the right padding of one row is the left padding
+        of the next): Wp = W + max(PW, right padding, OW - W), 3x3 "same" OW + 1; with SW > 1 the stride phases keep
+        OW + (KW-1)*DW // SW columns (see _kernels._item_packed_nchw_pad).
+        """
+        c = self._canon
+        reach = (c[5] - 1) * c[11]
+        if c[8] == 1:
+            chi = c[17] + reach - c[14]
+            dw = min(c[2], chi)
+            return dw + max(c[14], chi - dw, c[17] - dw, 0), c[14], reach - c[14]
+        return c[17] + reach // c[8], 0, reach // c[8]
 
     def _padded_grid(self, rows):
         """(Wp, tq, Hx) of the padded-input path for tiles of `rows` output rows (the formulas of _kernels.run)."""
         c = self._canon
-        wp = c[17] + (c[5] - 1) * c[11] // c[8]
+        wp, _, creach = self._padded_row()
         tq = -(-rows * wp // self._nr) * self._nr
-        hx = -(-(tq + (c[4] - 1) * c[10] // c[7] * wp + (c[5] - 1) * c[11] // c[8]) // wp)
+        hx = -(-(tq + (c[4] - 1) * c[10] // c[7] * wp + creach) // wp)
         return wp, tq, hx
 
     def _tiling_padded(self, n, nthreads):
@@ -613,7 +629,7 @@ class ConvPlan:
             mchunk = -(-cog // mtiles)
         mchunk = min(-(-mchunk // self._mr) * self._mr, -(-cog // self._mr) * self._mr)
         _, tq, hx = self._padded_grid(rows)
-        ws = (geo.C // geo.groups) * c[7] * c[8] * hx * wp + mchunk * tq
+        ws = (geo.C // geo.groups) * c[7] * c[8] * (self._padded_row()[1] + hx * wp) + mchunk * tq
         return tile, mchunk, ws, self._ck
 
     # Per-call facts that depend only on the batch size (and the thread count), computed on a batch's first call:

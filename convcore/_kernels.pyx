@@ -76,6 +76,7 @@ cdef struct Geom:
     int narrow                   # packed NCHW: bit 0 the narrow (2-vector) kernel variant, bit 1 the padded-input
                                  # path (NCHW_PADDED: _item_packed_nchw_pad)
     idx_t Wp, Hx, tq             # padded-input path: tile row width, rows per channel, panel-padded pixels per tile
+    idx_t lead                   # ... zeros before a channel's first row (rows share their padding columns: SW == 1)
     int apack                    # packed NHWC, few channels per group: 1 gather the pixels into A panels,
                                  # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
     bint fold                    # packed NHWC: pixel tiles run over the whole batch's N*P pixels (small images)
@@ -478,10 +479,14 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
     """One work item, NCHW 2-D: whole output rows, computed on a zero-padded copy of the input.
 
     The item copies the input rows its output rows read, for each of the group's channels, once into a zero-padded
-    tile with the padding already in place. With stride 1 that is Hx rows of Wp = OW + (KW-1)*DW columns per
-    channel, and output pixel (oh, ow) of tap (ci, kh, kw) is element ci*Hx*Wp + (oh-oh0+kh*DH)*Wp + ow + kw*DW. With
-    strides (SH, SW) the copy is split into SH x SW phase planes (padded row py + SH*j, column px + SW*c of the
-    input in plane (py, px), row j, column c), Wp = OW + (KW-1)*DW // SW, and the tap reads plane
+    tile with the padding already in place. With SW == 1 a channel is `lead` (= PW) zeros, then Hx rows of
+    Wp = W + gap columns: the input row, then gap zeros (gap = max(PW, right padding, OW - W)), so that the right
+    padding of one row is the left padding of the next (3x3 "same": Wp = OW + 1, not OW + 2: 28x28 computes 29 grid
+    columns per row instead of 30). Output pixel (oh, ow) of tap (ci, kh, kw) is element
+    ci*plane + lead + (oh-oh0+kh*DH)*Wp + ow + kw*DW - PW: a tap that falls left of the row lands in the previous
+    row's gap (or the lead), one right of it in its own gap. With a stride in H the rows are split into SH phase
+    planes (padded row py + SH*j in plane py, row j); with SW > 1 into SH x SW phase planes (column px + SW*c of
+    the padded input in plane (py, px), column c), lead 0, Wp = OW + (KW-1)*DW // SW, and the tap reads plane
     ((kh*DH) % SH, (kw*DW) % SW) at row oh - oh0 + (kh*DH) // SH, column ow + (kw*DW) // SW: a stride-1 access again.
     Either way a tap is a fixed offset (boff, one per K row, the same for every item) and the B panel of NR grid
     pixels is read in place by the pgemm kernel, so nothing is gathered per tap (the per-tap gather was 24% of the
@@ -498,15 +503,33 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
     cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, P = g.P, Wp = g.Wp, Hx = g.Hx, OW = g.OW, W = g.W
     cdef idx_t rows = T // OW, oh0 = p0 // OW
     cdef idx_t npan = _ceil_div(rows * Wp, NR), tq = npan * NR, mpan = _ceil_div(M, MR)
-    cdef idx_t SH = g.SH, SW = g.SW, plane = Hx * Wp, mpg = _ceil_div(g.Cog, MR)
+    cdef idx_t SH = g.SH, SW = g.SW, lead = g.lead, plane = g.lead + Hx * Wp, mpg = _ceil_div(g.Cog, MR)
     cdef const floating* xg = x + (n * g.C + grp * g.Cig) * (g.H * W)
     cdef floating* c = out + (n * g.Cout + co0) * P + p0
     cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
     cdef floating* ct = ws + g.Cig * SH * SW * plane
-    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, j
+    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, j, dw
     cdef floating* d
     cdef const floating* src
-    for px in range(SW):
+    if SW == 1:
+        # Rows sharing their padding columns (see above): the input row, then Wp - dw zeros.
+        dw = W if W < Wp else Wp
+        for ci in range(g.Cig):
+            for py in range(SH):
+                d = ws + (ci * SH + py) * plane
+                if lead > 0:
+                    memset(d, 0, lead * sizeof(floating))
+                d += lead
+                for r in range(Hx):
+                    ih = py + SH * (oh0 + r) - g.PH
+                    if <size_t> ih >= <size_t> g.H:
+                        memset(d, 0, Wp * sizeof(floating))
+                    else:
+                        memcpy(d, xg + ci * g.H * W + ih * W, dw * sizeof(floating))
+                        if Wp > dw:
+                            memset(d + dw, 0, (Wp - dw) * sizeof(floating))
+                    d += Wp
+    for px in range(SW if SW > 1 else 0):
         # Columns c of phase px read input column px + SW*c - PW: the valid ones are [lo, hi).
         _valid_range(px - g.PW, SW, W, Wp, &lo, &hi)
         for ci in range(g.Cig):
@@ -1045,6 +1068,7 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     g.general = general
     g.isa = isa
     g.kern = cc_gemm_pick(isa)
+    g.lead = 0
 
     cdef const floating* xp = &x[0]
     cdef const floating* wp = &w[0]
@@ -1053,7 +1077,7 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     cdef floating* wsp = &work[0]
     cdef const floating** pwp = NULL
     cdef const floating* zp = NULL
-    cdef idx_t it, nitems, chunk, pws = 0, kh, kw
+    cdef idx_t it, nitems, chunk, pws = 0, kh, kw, chi, dw, creach
     cdef int tid
     cdef bint direct = algo == ALGO_DIRECT, pad
     cdef floating* xpad
@@ -1113,17 +1137,27 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
                 _item_packed_nchw_batched(&g, xp, wp, bp, op, wsp + tid * g.ws, xpad, it, direct)
         elif g.narrow & NCHW_PADDED:
             # 2-D: every tap a fixed offset into the item's zero-padded input rows (one table per call).
-            g.Wp = g.OW + (g.KW - 1) * g.DW // g.SW
+            # (The formulas of ConvPlan._padded_grid.) creach: grid columns past a row's last output a tap reads.
+            if g.SW == 1:
+                g.lead = g.PW
+                chi = g.OW + (g.KW - 1) * g.DW - g.PW
+                dw = g.W if g.W < chi else chi
+                g.Wp = dw + max(g.PW, chi - dw, g.OW - dw, 0)
+                creach = (g.KW - 1) * g.DW - g.PW
+            else:
+                g.lead = 0
+                g.Wp = g.OW + (g.KW - 1) * g.DW // g.SW
+                creach = (g.KW - 1) * g.DW // g.SW
             g.tq = _ceil_div((g.tile // g.OW) * g.Wp, g.NR) * g.NR
-            g.Hx = _ceil_div(g.tq + (g.KH - 1) * g.DH // g.SH * g.Wp + (g.KW - 1) * g.DW // g.SW, g.Wp)
+            g.Hx = _ceil_div(g.tq + (g.KH - 1) * g.DH // g.SH * g.Wp + creach, g.Wp)
             if g.D != 1 or g.KD != 1 or g.OD != 1 or g.tile % g.OW != 0 or ptrs is None or ptrs.shape[0] < g.CK \
-                    or g.ws < g.Cig * g.SH * g.SW * g.Hx * g.Wp + _ceil_div(g.mchunk, g.MR) * g.MR * g.tq:
+                    or g.ws < g.Cig * g.SH * g.SW * (g.lead + g.Hx * g.Wp) + _ceil_div(g.mchunk, g.MR) * g.MR * g.tq:
                 raise ValueError("padded NCHW run needs a 2-D layer, whole-row tiles and its workspaces")
             for it in range(g.CK):
                 kh = ((it // g.KW) % g.KH) * g.DH
                 kw = (it % g.KW) * g.DW
-                ptrs[it] = ((((it // g.KK) * g.SH + kh % g.SH) * g.SW + kw % g.SW) * g.Hx + kh // g.SH) * g.Wp \
-                    + kw // g.SW
+                ptrs[it] = ((((it // g.KK) * g.SH + kh % g.SH) * g.SW + kw % g.SW) * (g.lead + g.Hx * g.Wp)
+                            + g.lead + kh // g.SH * g.Wp + kw // g.SW - (g.PW if g.SW == 1 else 0))
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()
                 _item_packed_nchw_pad(&g, xp, wp, bp, op, wsp + tid * g.ws, &ptrs[0], it)

@@ -160,11 +160,11 @@ def test_tiles_across_the_batch_against_reference(level, dtype, case):
     nr, pixels = probe._nr, int(np.prod(alone.shape[2:]))
     # The plan tiles across the batch when one image fills less than BATCHED_BELOW_FILL of its panels (which
     # depends on the level's panel width: 8-pixel panels (portable float32, avx2 float64) fit 7x7 well enough).
-    # (On the padded-input path an image computes its padded grid, OH x (OW + KW - 1) columns.)
+    # (On the padded-input path an image computes its padded grid, OH x Wp columns: test_padded_grid_width.)
     # Layers with a window also when the image fills less than BATCHED_PAD_BELOW_FILL and its rows are short (they
     # gather from a padded copy of the batch).
     api = convcore._api
-    grid = alone.shape[2] * (alone.shape[3] + k[1] - 1) if probe._padded else pixels
+    grid = alone.shape[2] * probe._padded_row()[0] if probe._padded else pixels
     fill = pixels / (-(-grid // nr) * nr)
     window = k[0] * k[1] > 1
     across = (fill < api.BATCHED_BELOW_FILL and grid <= api.BATCHED_MAX_PANELS * nr) or \
@@ -217,7 +217,7 @@ BATCHED_PAD = [
     (3, 5, 12, (9, 9), (3, 3), 1, ((2, 0), (0, 2)), 1, 1),    # asymmetric pads, top and right only
     (2, 4, 9, (9, 9), (3, 3), 1, "same", 2, 1),               # dilation 2: taps 2 rows/columns apart
     (4, 8, 16, (14, 14), (3, 3), 1, "same", 1, 2),            # 14-pixel rows (2 chunks, a partial one), groups
-    (3, 2, 7, (6, 12), (3, 5), 1, ((3, 3), (4, 4)), 1, 1),    # padding larger than the halo, rows of 16 pixels
+    (3, 2, 7, (1, 12), (3, 5), 1, ((3, 3), (4, 4)), 1, 1),    # padding wider than the taps, one input row
     (5, 3, 8, (4, 5), (2, 3), (1, 2), "valid", (2, 1), 1),    # even kernel, stride in W, dilation in H, no padding
 ]
 
@@ -239,8 +239,7 @@ def test_tiles_across_the_batch_from_padded_copy(level, dtype, case):
     probe = convcore.make_plan(x.shape, w, b, **kw)
     nr = probe._nr
     oh, ow = alone.shape[2:]
-    grid = oh * (ow + (k[1] - 1) * (dilation if isinstance(dilation, int) else dilation[1])
-                 // (strides if isinstance(strides, int) else strides[1])) if probe._padded else oh * ow
+    grid = oh * probe._padded_row()[0] if probe._padded else oh * ow
     fill = oh * ow / (-(-grid // nr) * nr)
     across = (fill < api.BATCHED_BELOW_FILL and grid <= api.BATCHED_MAX_PANELS * nr) or \
         (fill < api.BATCHED_PAD_BELOW_FILL and ow <= api.BATCHED_PAD_MAX_OW)
@@ -272,3 +271,24 @@ def test_padded_copy_workspace_is_shared_and_sized():
     assert plan._call_facts(8, 2)[1] == 2 * plan._tiling(8, 2)[2] + plan._shared_ws(8)
     big = convcore.make_plan((8, 64, 56, 56), np.zeros((64, 64, 3, 3), np.float32), padding="same")
     assert not big._narrow & convcore._api.NCHW_BATCHED_PAD and big._shared_ws(8) == 0
+
+
+@pytest.mark.parametrize("x_shape, k, kw, wp", [
+    ((1, 2, 28, 28), (3, 3), dict(padding="same"), 29),              # rows share their one padding column
+    ((1, 2, 9, 9), (3, 3), dict(padding="same", dilation=2), 11),     # 2 columns each side
+    ((1, 2, 10, 13), (2, 4), dict(padding=((1, 2), (3, 0))), 16),     # left 3, right 0: OW 13 + 3
+    ((1, 2, 8, 8), (3, 3), dict(padding="valid"), 8),                 # no padding: the input row itself
+    ((1, 2, 3, 3), (3, 3), dict(padding=((3, 3), (3, 3))), 7),        # padding wider than the taps: Wp = OW
+    ((1, 2, 16, 16), (3, 3), dict(padding="same", strides=(2, 1)), 17),  # stride in H only: still shared
+    ((1, 3, 23, 20), (7, 7), dict(padding="same", strides=2), 13),    # stride in W: phases, OW 10 + 6 // 2
+])
+def test_padded_grid_width(x_shape, k, kw, wp):
+    """Grid columns per output row of the padded-input path (the computed-and-dropped ones are Wp - OW), checked
+    against the reference through a run at every tiling of test_padded_path_against_reference's kind."""
+    w = np.random.default_rng(1).standard_normal((5, x_shape[1]) + k).astype(np.float32)
+    plan = convcore.make_plan(x_shape, w, **kw)
+    assert plan._padded and plan._padded_row()[0] == wp, plan._padded_row()
+    x = np.random.default_rng(2).standard_normal(x_shape).astype(np.float32)
+    for tile in (None, plan.output_shape()[3]):
+        y = convcore.make_plan(x_shape, w, tile_size=tile, num_threads=2, **kw).run(x)
+        _check(y, x, w, np.zeros(5, np.float32), kw, f"tile={tile}")
