@@ -38,6 +38,15 @@ NCHW_BATCHED = 4
 BATCHED_BELOW_FILL = 0.85
 #: ... and has at most this many panels (larger images have enough columns; their own paths gather less).
 BATCHED_MAX_PANELS = 4
+#: Bit for the batched path gathering from one zero-padded copy of the whole batch (2-D layers with a window), and
+#: the elements a row copy of that gather may spill (whole chunks; see _kernels._gather_rows_padded).
+NCHW_BATCHED_PAD = 8
+GATHER_CHUNK = 8
+#: Such layers also tile across the batch when one image fills less than this fraction of the panels of its padded
+#: grid and its output rows are at most BATCHED_PAD_MAX_OW pixels (few gather chunks per row). Measured one thread,
+#: batch 8: 3x3 256->256 @14² (fill 0.875) 5-7% faster across the batch, 3x3 128->128 @28² (0.907) 4% slower.
+BATCHED_PAD_BELOW_FILL = 0.9
+BATCHED_PAD_MAX_OW = 16
 #: Packed NHWC layers with fewer input channels per group than this gather pixels into panels (see _kernels).
 APACK_MAX_CIG = 16
 
@@ -221,16 +230,20 @@ class ConvPlan:
             # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
             # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
             mr, nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, False, True)
-            P = c[16] * (c[17] + (c[5] - 1) * c[11] // c[8]) if self._padded else math.prod(geo.out_spatial)
+            P = c[16] * self._padded_row()[0] if self._padded else math.prod(geo.out_spatial)
             if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr:
                 self._narrow, self._nr = True, nr
         if self._padded:
             self._narrow = int(self._narrow) | NCHW_PADDED
         if not geo.channels_last and self._algo == ALGO_PACKED and not self._general:
             # Small images: at batch > 1, tiles run across images so the panels fill up (_item_packed_nchw_batched).
-            if math.prod(geo.out_spatial) < BATCHED_BELOW_FILL * -(-P // self._nr) * self._nr \
-                    and P <= BATCHED_MAX_PANELS * self._nr:
-                self._narrow = int(self._narrow) | NCHW_BATCHED
+            # 2-D layers with a window gather from a padded copy of the batch (the per-image gather of 7-pixel row
+            # segments cost ~11% of 3x3 512->512 @7²), cheap enough to beat a padded grid that fills < 90%.
+            fill = math.prod(geo.out_spatial) / (-(-P // self._nr) * self._nr)
+            window2d = c[0] == 1 and c[3] == 1 and c[15] == 1 and c[4] * c[5] > 1
+            if (fill < BATCHED_BELOW_FILL and P <= BATCHED_MAX_PANELS * self._nr) or \
+                    (window2d and fill < BATCHED_PAD_BELOW_FILL and c[17] <= BATCHED_PAD_MAX_OW):
+                self._narrow = int(self._narrow) | NCHW_BATCHED | (NCHW_BATCHED_PAD if window2d else 0)
         self._kc = min(_k_block, self._ck) if _k_block is not None else \
             k_block(self._kc_nr, self.dtype.itemsize, self._ck)
 
@@ -536,21 +549,48 @@ class ConvPlan:
             if self._channel_tile is not None:
                 mchunk = min(cog, self._channel_tile)
         mchunk = min(-(-mchunk // mr) * mr, -(-cog // mr) * mr)
-        ws = self._kc * (tile + 64 // itemsize) + mchunk * tile
+        # kc rows of the tile (+ one for the padded gather's spill room), then the item's C tile
+        ws = (self._kc + bool(self._narrow & NCHW_BATCHED_PAD)) * (tile + 64 // itemsize) + mchunk * tile
         return tile, mchunk, ws, 0
+
+    def _shared_ws(self, n):
+        """Workspace elements shared by the team (after the threads' own): the batched NCHW path's padded copy of
+        the batch, N * C planes of the rows and columns its taps read (the formulas of _kernels.run), + spill room."""
+        if n < 2 or not self._narrow & NCHW_BATCHED_PAD:
+            return 0
+        c = self._canon
+        hq = (c[16] - 1) * c[7] + (c[4] - 1) * c[10] + 1
+        wq = (c[17] - 1) * c[8] + (c[5] - 1) * c[11] + 1
+        return n * self.geometry.C * hq * wq + GATHER_CHUNK
 
     def _padded_copy_bytes(self, rows):
         """Bytes of the padded input copy of a tile of `rows` output rows."""
         c, geo = self._canon, self.geometry
         wp, _, hx = self._padded_grid(rows)
-        return (geo.C // geo.groups) * c[7] * c[8] * hx * wp * self.dtype.itemsize
+        return (geo.C // geo.groups) * c[7] * c[8] * (self._padded_row()[1] + hx * wp) * self.dtype.itemsize
+
+    def _padded_row(self):
+        """(Wp, lead, creach) of the padded-input path (the formulas of _kernels.run): grid columns per output row,
+        zeros before a channel's first row, grid columns past a row's last output that a tap reads.
+
+        With SW == 1 consecutive rows share their padding columns (the right padding of one row is the left padding
+        of the next): Wp = W + max(PW, right padding, OW - W), 3x3 "same" OW + 1; with SW > 1 the stride phases keep
+        OW + (KW-1)*DW // SW columns (see _kernels._item_packed_nchw_pad).
+        """
+        c = self._canon
+        reach = (c[5] - 1) * c[11]
+        if c[8] == 1:
+            chi = c[17] + reach - c[14]
+            dw = min(c[2], chi)
+            return dw + max(c[14], chi - dw, c[17] - dw, 0), c[14], reach - c[14]
+        return c[17] + reach // c[8], 0, reach // c[8]
 
     def _padded_grid(self, rows):
         """(Wp, tq, Hx) of the padded-input path for tiles of `rows` output rows (the formulas of _kernels.run)."""
         c = self._canon
-        wp = c[17] + (c[5] - 1) * c[11] // c[8]
+        wp, _, creach = self._padded_row()
         tq = -(-rows * wp // self._nr) * self._nr
-        hx = -(-(tq + (c[4] - 1) * c[10] // c[7] * wp + (c[5] - 1) * c[11] // c[8]) // wp)
+        hx = -(-(tq + (c[4] - 1) * c[10] // c[7] * wp + creach) // wp)
         return wp, tq, hx
 
     def _tiling_padded(self, n, nthreads):
@@ -601,7 +641,7 @@ class ConvPlan:
             mchunk = -(-cog // mtiles)
         mchunk = min(-(-mchunk // self._mr) * self._mr, -(-cog // self._mr) * self._mr)
         _, tq, hx = self._padded_grid(rows)
-        ws = (geo.C // geo.groups) * c[7] * c[8] * hx * wp + mchunk * tq
+        ws = (geo.C // geo.groups) * c[7] * c[8] * (self._padded_row()[1] + hx * wp) + mchunk * tq
         return tile, mchunk, ws, self._ck
 
     # Per-call facts that depend only on the batch size (and the thread count), computed on a batch's first call:
@@ -624,7 +664,7 @@ class ConvPlan:
         tile, mchunk, ws, pws = self._tiling(n, nthreads)
         geom = (n, geo.C) + self._canon[:3] + (geo.Cout, geo.groups) + self._canon[3:] + (
             tile, mchunk, ws, self._kc, self._mr, self._nr, self._narrow, self._apack, self._fold(n))
-        facts = (geom, ws * nthreads, pws * nthreads)
+        facts = (geom, ws * nthreads + self._shared_ws(n), pws * nthreads)
         if len(self._per_call) >= self._FACTS_MAX:
             self._per_call.clear()
         self._per_call[(n, nthreads)] = facts

@@ -65,6 +65,12 @@ cdef enum:
 cdef enum:
     NCHW_PADDED = 2
     NCHW_BATCHED = 4
+    NCHW_BATCHED_PAD = 8     # ... gathering from one zero-padded copy of the batch (2-D layers with a window)
+
+# Elements a fixed-size row copy of the batched gather may write past a segment and read past a source row (it
+# copies whole chunks of this many elements: one 32/64-byte move the compiler inlines, no memcpy call per segment).
+cdef enum:
+    GATHER_CHUNK = 8
 
 cdef struct Geom:
     idx_t N, C, D, H, W, Cout, G, Cig, Cog
@@ -78,6 +84,7 @@ cdef struct Geom:
     int narrow                   # packed NCHW: bit 0 the narrow (2-vector) kernel variant, bit 1 the padded-input
                                  # path (NCHW_PADDED: _item_packed_nchw_pad)
     idx_t Wp, Hx, tq             # padded-input path: tile row width, rows per channel, panel-padded pixels per tile
+    idx_t lead                   # ... zeros before a channel's first row (rows share their padding columns: SW == 1)
     int apack                    # packed NHWC, few channels per group: 1 gather the pixels into A panels,
                                  # 2 read whole kernel rows (KW*Cig contiguous floats) through pointers
     bint fold                    # packed NHWC: pixel tiles run over the whole batch's N*P pixels (small images)
@@ -481,10 +488,14 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
     """One work item, NCHW 2-D: whole output rows, computed on a zero-padded copy of the input.
 
     The item copies the input rows its output rows read, for each of the group's channels, once into a zero-padded
-    tile with the padding already in place. With stride 1 that is Hx rows of Wp = OW + (KW-1)*DW columns per
-    channel, and output pixel (oh, ow) of tap (ci, kh, kw) is element ci*Hx*Wp + (oh-oh0+kh*DH)*Wp + ow + kw*DW. With
-    strides (SH, SW) the copy is split into SH x SW phase planes (padded row py + SH*j, column px + SW*c of the
-    input in plane (py, px), row j, column c), Wp = OW + (KW-1)*DW // SW, and the tap reads plane
+    tile with the padding already in place. With SW == 1 a channel is `lead` (= PW) zeros, then Hx rows of
+    Wp = W + gap columns: the input row, then gap zeros (gap = max(PW, right padding, OW - W)), so that the right
+    padding of one row is the left padding of the next (3x3 "same": Wp = OW + 1, not OW + 2: 28x28 computes 29 grid
+    columns per row instead of 30). Output pixel (oh, ow) of tap (ci, kh, kw) is element
+    ci*plane + lead + (oh-oh0+kh*DH)*Wp + ow + kw*DW - PW: a tap that falls left of the row lands in the previous
+    row's gap (or the lead), one right of it in its own gap. With a stride in H the rows are split into SH phase
+    planes (padded row py + SH*j in plane py, row j); with SW > 1 into SH x SW phase planes (column px + SW*c of
+    the padded input in plane (py, px), column c), lead 0, Wp = OW + (KW-1)*DW // SW, and the tap reads plane
     ((kh*DH) % SH, (kw*DW) % SW) at row oh - oh0 + (kh*DH) // SH, column ow + (kw*DW) // SW: a stride-1 access again.
     Either way a tap is a fixed offset (boff, one per K row, the same for every item) and the B panel of NR grid
     pixels is read in place by the pgemm kernel, so nothing is gathered per tap (the per-tap gather was 24% of the
@@ -501,15 +512,33 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
     cdef idx_t MR = g.MR, NR = g.NR, CK = g.CK, P = g.P, Wp = g.Wp, Hx = g.Hx, OW = g.OW, W = g.W
     cdef idx_t rows = T // OW, oh0 = p0 // OW
     cdef idx_t npan = _ceil_div(rows * Wp, NR), tq = npan * NR, mpan = _ceil_div(M, MR)
-    cdef idx_t SH = g.SH, SW = g.SW, plane = Hx * Wp, mpg = _ceil_div(g.Cog, MR)
+    cdef idx_t SH = g.SH, SW = g.SW, lead = g.lead, plane = g.lead + Hx * Wp, mpg = _ceil_div(g.Cog, MR)
     cdef const floating* xg = x + (n * g.C + grp * g.Cig) * (g.H * W)
     cdef floating* c = out + (n * g.Cout + co0) * P + p0
     cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
     cdef floating* ct = ws + g.Cig * SH * SW * plane
-    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, j
+    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, j, dw
     cdef floating* d
     cdef const floating* src
-    for px in range(SW):
+    if SW == 1:
+        # Rows sharing their padding columns (see above): the input row, then Wp - dw zeros.
+        dw = W if W < Wp else Wp
+        for ci in range(g.Cig):
+            for py in range(SH):
+                d = ws + (ci * SH + py) * plane
+                if lead > 0:
+                    memset(d, 0, lead * sizeof(floating))
+                d += lead
+                for r in range(Hx):
+                    ih = py + SH * (oh0 + r) - g.PH
+                    if <size_t> ih >= <size_t> g.H:
+                        memset(d, 0, Wp * sizeof(floating))
+                    else:
+                        memcpy(d, xg + ci * g.H * W + ih * W, dw * sizeof(floating))
+                        if Wp > dw:
+                            memset(d + dw, 0, (Wp - dw) * sizeof(floating))
+                    d += Wp
+    for px in range(SW if SW > 1 else 0):
         # Columns c of phase px read input column px + SW*c - PW: the valid ones are [lo, hi).
         _valid_range(px - g.PW, SW, W, Wp, &lo, &hi)
         for ci in range(g.Cig):
@@ -544,14 +573,76 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
     _epilogue_rows(c, M, T, P, bias + co0 if g.has_bias else NULL, g.act)
 
 
+cdef void _pad_plane_nchw(const Geom* g, const floating* x, floating* xpad, idx_t plane) noexcept nogil:
+    """Input plane `plane` (= n * C + c) into xpad[plane] with its padding in place: Hx rows of Wp columns, row i
+    column j holding input (i - PH, j - PW) or zero, so that tap (kh, kw) of output pixel (oh, ow) is element
+    (oh*SH + kh*DH, ow*SW + kw*DW) with no bounds test (the batched gather below reads it)."""
+    cdef idx_t Hq = g.Hx, Wq = g.Wp, W = g.W, i, ih, lo, hi
+    cdef const floating* src = x + plane * g.H * W
+    cdef floating* d = xpad + plane * Hq * Wq
+    lo = g.PW if g.PW < Wq else Wq
+    hi = g.PW + W if g.PW + W < Wq else Wq
+    for i in range(Hq):
+        ih = i - g.PH
+        if <size_t> ih >= <size_t> g.H:
+            memset(d, 0, Wq * sizeof(floating))
+        else:
+            if lo > 0:
+                memset(d, 0, lo * sizeof(floating))
+            if hi > lo:
+                memcpy(d + lo, src + ih * W + lo - g.PW, (hi - lo) * sizeof(floating))
+            if Wq > hi:
+                memset(d + hi, 0, (Wq - hi) * sizeof(floating))
+        d += Wq
+
+
+cdef inline void _gather_rows_padded(const Geom* g, const floating* xpad, floating* dst, idx_t r, idx_t grp,
+                                     idx_t q0, idx_t T) noexcept nogil:
+    """Row r = (ci, kh, kw) of the batch's column matrix for batch pixels q0 .. q0+T-1 into dst[0:T], read from the
+    padded copy (_pad_plane_nchw): one output-row segment at a time, no bounds test, and with stride 1 whole chunks
+    of GATHER_CHUNK elements (the last chunk of a segment spills up to GATHER_CHUNK - 1 elements past it, which the
+    next segment or the caller's zero fill overwrites; the caller leaves that much room after the tile and after
+    the copy). The per-image gather this replaces (_im2col_nchw_row per image segment, memcpy/memset calls of 7
+    elements on 7x7 images) took ~11% of 3x3 512->512 @7² at batch 8 (perf)."""
+    cdef idx_t OW = g.OW, OH = g.OH, Hq = g.Hx, Wq = g.Wp, SW = g.SW, P = g.P
+    cdef idx_t kw = r % g.KW, kh = (r // g.KW) % g.KH, ci = r // g.KK
+    cdef idx_t n = q0 // P, p = q0 - (q0 // P) * P
+    cdef idx_t oh = p // OW, ow = p - (p // OW) * OW, q = 0, seg, j
+    cdef idx_t roff = ci * Hq * Wq + kh * g.DH * Wq + kw * g.DW, imsz = g.C * Hq * Wq, rowst = g.SH * Wq
+    cdef const floating* base = xpad + grp * g.Cig * Hq * Wq + roff
+    cdef const floating* src
+    cdef floating* d
+    while q < T:
+        seg = OW - ow if OW - ow < T - q else T - q
+        src = base + n * imsz + oh * rowst + ow * SW
+        d = dst + q
+        if SW == 1:
+            j = 0
+            while j < seg:
+                memcpy(d + j, src + j, GATHER_CHUNK * sizeof(floating))
+                j += GATHER_CHUNK
+        else:
+            for j in range(seg):
+                d[j] = src[j * SW]
+        q += seg
+        ow = 0
+        oh += 1
+        if oh == OH:
+            oh = 0
+            n += 1
+
+
 cdef void _item_packed_nchw_batched(const Geom* g, const floating* x, const floating* wp, const floating* bias,
-                                    floating* out, floating* ws, idx_t it, bint direct) noexcept nogil:
+                                    floating* out, floating* ws, const floating* xpad, idx_t it,
+                                    bint direct) noexcept nogil:
     """One work item, NCHW, small images at batch > 1: a pixel tile that runs across the images of the batch.
 
     A 7x7 output is 49 pixels, 2 panels of 32 (77% of the computed columns are outputs); the 392 pixels of 8 such
     images are 13 panels (94%). Pixel q of the batch is pixel q % P of image q // P; the column rows are gathered
     image segment by image segment (as in _item_packed_nchw), the kernel writes whole tiles into the item's C tile
     ct ([channel panels * MR][Tp]), and each image's part is copied out and finished (bias, activation) there.
+    With `xpad` (2-D layers with a kernel window: NCHW_BATCHED_PAD) the rows are gathered from the batch's padded
+    copy instead (_gather_rows_padded), and ct starts GATHER_CHUNK + a line after the kc rows (room for its spill).
     Every output sees the same K blocks in the same order as on the per-image paths: bit-identical results.
     """
     cdef idx_t mt = it % g.mtiles, rest = it // g.mtiles
@@ -569,7 +660,7 @@ cdef void _item_packed_nchw_batched(const Geom* g, const floating* x, const floa
     cdef idx_t ldb = Tp + line if (Tp // line) % 2 == 0 else Tp
     cdef idx_t mpg = _ceil_div(g.Cog, MR)
     cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
-    cdef floating* ct = ws + g.kc * ldb
+    cdef floating* ct = ws + g.kc * ldb + (line if xpad != NULL else 0)
     cdef idx_t k0, kl, r, jp, mp, q, n, p, seg, i
     cdef const floating* xg
     cdef floating* dst
@@ -579,6 +670,11 @@ cdef void _item_packed_nchw_batched(const Geom* g, const floating* x, const floa
         kl = g.kc if CK - k0 > g.kc else CK - k0
         for r in range(k0, k0 + kl):
             dst = ws + (r - k0) * ldb
+            if xpad != NULL:
+                _gather_rows_padded(g, xpad, dst, r, grp, q0, T)
+                if Tp > T:
+                    memset(dst + T, 0, (Tp - T) * sizeof(floating))
+                continue
             q = q0
             while q < q0 + T:
                 n = q // P
@@ -1043,6 +1139,7 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     g.general = general
     g.isa = isa
     g.kern = cc_gemm_pick(isa)
+    g.lead = 0
 
     cdef const floating* xp = &x[0]
     cdef const floating* wp = &w[0]
@@ -1051,9 +1148,10 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
     cdef floating* wsp = &work[0]
     cdef const floating** pwp = NULL
     cdef const floating* zp = NULL
-    cdef idx_t it, nitems, chunk, pws = 0, kh, kw
+    cdef idx_t it, nitems, chunk, pws = 0, kh, kw, chi, dw, creach
     cdef int tid
-    cdef bint direct = algo == ALGO_DIRECT
+    cdef bint direct = algo == ALGO_DIRECT, pad
+    cdef floating* xpad
     if algo == ALGO_DEPTHWISE:
         if channels_last:
             nitems = g.N * g.OD * g.OH
@@ -1090,26 +1188,49 @@ def run(const floating[::1] x, const floating[::1] w, const floating[::1] bias, 
         elif g.narrow & NCHW_BATCHED and g.N > 1:
             # Small images, batch > 1: pixel tiles across the batch (the plan's _tiling sized them over N * P).
             g.ptiles = _ceil_div(g.N * g.P, g.tile)
-            if g.tile % g.NR != 0 or g.ws < g.kc * (g.tile + 64 // sizeof(floating)) + _ceil_div(g.mchunk, g.MR) \
-                    * g.MR * g.tile:
+            pad = g.narrow & NCHW_BATCHED_PAD != 0
+            if g.tile % g.NR != 0 or g.ws < (g.kc + pad) * (g.tile + 64 // sizeof(floating)) \
+                    + _ceil_div(g.mchunk, g.MR) * g.MR * g.tile:
                 raise ValueError("batched NCHW run needs whole-panel tiles and its workspace")
+            xpad = NULL
+            if pad:
+                # One zero-padded copy of the whole batch (after the threads' workspaces), filled by the team first;
+                # every item then gathers its rows from it without bounds tests (_gather_rows_padded).
+                g.Hx = (g.OH - 1) * g.SH + (g.KH - 1) * g.DH + 1
+                g.Wp = (g.OW - 1) * g.SW + (g.KW - 1) * g.DW + 1
+                if g.D != 1 or g.KD != 1 or g.OD != 1 or \
+                        work.shape[0] < num_threads * g.ws + g.N * g.C * g.Hx * g.Wp + GATHER_CHUNK:
+                    raise ValueError("batched NCHW run from a padded copy needs a 2-D layer and its workspace")
+                xpad = wsp + num_threads * g.ws
+                for it in prange(g.N * g.C, nogil=True, schedule='static', num_threads=num_threads):
+                    _pad_plane_nchw(&g, xp, xpad, it)
             nitems = g.G * g.ptiles * g.mtiles
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()
-                _item_packed_nchw_batched(&g, xp, wp, bp, op, wsp + tid * g.ws, it, direct)
+                _item_packed_nchw_batched(&g, xp, wp, bp, op, wsp + tid * g.ws, xpad, it, direct)
         elif g.narrow & NCHW_PADDED:
             # 2-D: every tap a fixed offset into the item's zero-padded input rows (one table per call).
-            g.Wp = g.OW + (g.KW - 1) * g.DW // g.SW
+            # (The formulas of ConvPlan._padded_grid.) creach: grid columns past a row's last output a tap reads.
+            if g.SW == 1:
+                g.lead = g.PW
+                chi = g.OW + (g.KW - 1) * g.DW - g.PW
+                dw = g.W if g.W < chi else chi
+                g.Wp = dw + max(g.PW, chi - dw, g.OW - dw, 0)
+                creach = (g.KW - 1) * g.DW - g.PW
+            else:
+                g.lead = 0
+                g.Wp = g.OW + (g.KW - 1) * g.DW // g.SW
+                creach = (g.KW - 1) * g.DW // g.SW
             g.tq = _ceil_div((g.tile // g.OW) * g.Wp, g.NR) * g.NR
-            g.Hx = _ceil_div(g.tq + (g.KH - 1) * g.DH // g.SH * g.Wp + (g.KW - 1) * g.DW // g.SW, g.Wp)
+            g.Hx = _ceil_div(g.tq + (g.KH - 1) * g.DH // g.SH * g.Wp + creach, g.Wp)
             if g.D != 1 or g.KD != 1 or g.OD != 1 or g.tile % g.OW != 0 or ptrs is None or ptrs.shape[0] < g.CK \
-                    or g.ws < g.Cig * g.SH * g.SW * g.Hx * g.Wp + _ceil_div(g.mchunk, g.MR) * g.MR * g.tq:
+                    or g.ws < g.Cig * g.SH * g.SW * (g.lead + g.Hx * g.Wp) + _ceil_div(g.mchunk, g.MR) * g.MR * g.tq:
                 raise ValueError("padded NCHW run needs a 2-D layer, whole-row tiles and its workspaces")
             for it in range(g.CK):
                 kh = ((it // g.KW) % g.KH) * g.DH
                 kw = (it % g.KW) * g.DW
-                ptrs[it] = ((((it // g.KK) * g.SH + kh % g.SH) * g.SW + kw % g.SW) * g.Hx + kh // g.SH) * g.Wp \
-                    + kw // g.SW
+                ptrs[it] = ((((it // g.KK) * g.SH + kh % g.SH) * g.SW + kw % g.SW) * (g.lead + g.Hx * g.Wp)
+                            + g.lead + kh // g.SH * g.Wp + kw // g.SW - (g.PW if g.SW == 1 else 0))
             for it in prange(nitems, nogil=True, schedule='dynamic', num_threads=num_threads):
                 tid = threadid()
                 _item_packed_nchw_pad(&g, xp, wp, bp, op, wsp + tid * g.ws, &ptrs[0], it)

@@ -160,10 +160,16 @@ def test_tiles_across_the_batch_against_reference(level, dtype, case):
     nr, pixels = probe._nr, int(np.prod(alone.shape[2:]))
     # The plan tiles across the batch when one image fills less than BATCHED_BELOW_FILL of its panels (which
     # depends on the level's panel width: 8-pixel panels (portable float32, avx2 float64) fit 7x7 well enough).
-    # (On the padded-input path an image computes its padded grid, OH x (OW + KW - 1) columns.)
-    grid = alone.shape[2] * (alone.shape[3] + k[1] - 1) if probe._padded else pixels
-    across = pixels < convcore._api.BATCHED_BELOW_FILL * -(-grid // nr) * nr \
-        and grid <= convcore._api.BATCHED_MAX_PANELS * nr
+    # (On the padded-input path an image computes its padded grid, OH x Wp columns: test_padded_grid_width.)
+    # Layers with a window also when the image fills less than BATCHED_PAD_BELOW_FILL and its rows are short (they
+    # gather from a padded copy of the batch).
+    api = convcore._api
+    grid = alone.shape[2] * probe._padded_row()[0] if probe._padded else pixels
+    fill = pixels / (-(-grid // nr) * nr)
+    window = k[0] * k[1] > 1
+    across = (fill < api.BATCHED_BELOW_FILL and grid <= api.BATCHED_MAX_PANELS * nr) or \
+        (window and fill < api.BATCHED_PAD_BELOW_FILL and alone.shape[3] <= api.BATCHED_PAD_MAX_OW)
+    assert bool(probe._narrow & api.NCHW_BATCHED_PAD) == (across and window)
     for threads, tile, chunk in ((1, None, None), (2, None, None), (2, nr, None), (2, 2 * nr, 8), (2, None, 1)):
         plan = convcore.make_plan(x.shape, w, b, num_threads=threads, tile_size=tile, channel_tile=chunk, **kw)
         t = plan.tiling(num_threads=threads)
@@ -202,3 +208,87 @@ def test_padded_copy_stays_bounded():
             assert plan._padded_copy_bytes(rows) <= budget or rows == 1, (cin, hw, rows)
         else:
             assert plan._padded_copy_bytes(min(hw, -(-4 * plan._nr // (hw + 2)))) > budget, (cin, hw)
+
+
+# (batch, cin, cout, (H, W), kernel, strides, padding, dilation, groups): 2-D layers with a window whose tiles run
+# across the batch and gather from its padded copy (NCHW_BATCHED_PAD)
+BATCHED_PAD = [
+    (2, 3, 10, (13, 13), (3, 3), 2, "same", 1, 1),           # stride 2: the strided (element) gather
+    (3, 5, 12, (9, 9), (3, 3), 1, ((2, 0), (0, 2)), 1, 1),    # asymmetric pads, top and right only
+    (2, 4, 9, (9, 9), (3, 3), 1, "same", 2, 1),               # dilation 2: taps 2 rows/columns apart
+    (4, 8, 16, (14, 14), (3, 3), 1, "same", 1, 2),            # 14-pixel rows (2 chunks, a partial one), groups
+    (3, 2, 7, (1, 12), (3, 5), 1, ((3, 3), (4, 4)), 1, 1),    # padding wider than the taps, one input row
+    (5, 3, 8, (4, 5), (2, 3), (1, 2), "valid", (2, 1), 1),    # even kernel, stride in W, dilation in H, no padding
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", BATCHED_PAD, ids=lambda c: f"b{c[0]}_c{c[1]}to{c[2]}_{c[3][0]}x{c[3][1]}_k{c[4][0]}{c[4][1]}")
+def test_tiles_across_the_batch_from_padded_copy(level, dtype, case):
+    """The batched path's gather from the padded copy of the batch: every tile boundary (tiles of one and two
+    panels split output rows and images), channel chunks, K blocks of 3 rows (so a K block's last gathered row
+    ends right before the item's C tile), against the reference and bit for bit against each image alone."""
+    batch, cin, cout, hw, k, strides, padding, dilation, groups = case
+    rng = np.random.default_rng(cin * 10 + cout + batch)
+    x, w, b = _arrays(rng, batch=batch, cin=cin, cout=cout, hw=hw, k=k, groups=groups, dtype=dtype)
+    kw = dict(strides=strides, padding=padding, dilation=dilation, groups=groups, activation="relu")
+    alone = np.concatenate([convcore.make_plan(x[i:i + 1].shape, w, b, num_threads=1, **kw).run(x[i:i + 1])
+                            for i in range(batch)])
+    _check(alone, x, w, b, kw, "alone")
+    api = convcore._api
+    probe = convcore.make_plan(x.shape, w, b, **kw)
+    nr = probe._nr
+    oh, ow = alone.shape[2:]
+    grid = oh * probe._padded_row()[0] if probe._padded else oh * ow
+    fill = oh * ow / (-(-grid // nr) * nr)
+    across = (fill < api.BATCHED_BELOW_FILL and grid <= api.BATCHED_MAX_PANELS * nr) or \
+        (fill < api.BATCHED_PAD_BELOW_FILL and ow <= api.BATCHED_PAD_MAX_OW)
+    assert bool(probe._narrow & api.NCHW_BATCHED_PAD) == across, (probe._narrow, fill, grid, nr)
+    if not across:
+        pytest.skip(f"{level}: per-image path (fill {fill:.2f} of panels of {nr}, rows of {ow})")
+    for threads, tile, chunk, kblock in ((1, None, None, None), (2, None, None, None), (2, nr, None, None),
+                                         (2, 2 * nr, 8, 3), (2, None, 1, None), (1, nr, None, 3)):
+        plan = convcore.ConvPlan(x.shape, w, b, num_threads=threads, tile_size=tile, channel_tile=chunk,
+                                 _k_block=kblock, **kw)
+        t = plan.tiling(num_threads=threads)
+        assert t["across_batch"] and plan._narrow & api.NCHW_BATCHED_PAD, t
+        y = plan.run(x)
+        what = f"{level} threads={threads} tile={tile} chunk={chunk} k_block={kblock} {t}"
+        if kblock is None:
+            assert np.array_equal(y, alone), what
+        else:
+            _check(y, x, w, b, kw, what)
+
+
+def test_padded_copy_workspace_is_shared_and_sized():
+    """The batch's padded copy is one shared workspace (N * C planes of the padded rows and columns the taps read),
+    only at batch > 1 and only for the batched path; the per-thread workspace does not grow with the batch."""
+    plan = convcore.make_plan((8, 512, 7, 7), np.zeros((512, 512, 3, 3), np.float32), padding="same")
+    if not plan._narrow & convcore._api.NCHW_BATCHED_PAD:
+        pytest.skip("this level's panels fill a 7x7 image")
+    assert plan._shared_ws(1) == 0
+    assert plan._shared_ws(8) == 8 * 512 * 9 * 9 + convcore._api.GATHER_CHUNK
+    assert plan._call_facts(8, 2)[1] == 2 * plan._tiling(8, 2)[2] + plan._shared_ws(8)
+    big = convcore.make_plan((8, 64, 56, 56), np.zeros((64, 64, 3, 3), np.float32), padding="same")
+    assert not big._narrow & convcore._api.NCHW_BATCHED_PAD and big._shared_ws(8) == 0
+
+
+@pytest.mark.parametrize("x_shape, k, kw, wp", [
+    ((1, 2, 28, 28), (3, 3), dict(padding="same"), 29),              # rows share their one padding column
+    ((1, 2, 9, 9), (3, 3), dict(padding="same", dilation=2), 11),     # 2 columns each side
+    ((1, 2, 10, 13), (2, 4), dict(padding=((1, 2), (3, 0))), 16),     # left 3, right 0: OW 13 + 3
+    ((1, 2, 8, 8), (3, 3), dict(padding="valid"), 8),                 # no padding: the input row itself
+    ((1, 2, 3, 3), (3, 3), dict(padding=((3, 3), (3, 3))), 7),        # padding wider than the taps: Wp = OW
+    ((1, 2, 16, 16), (3, 3), dict(padding="same", strides=(2, 1)), 17),  # stride in H only: still shared
+    ((1, 3, 23, 20), (7, 7), dict(padding="same", strides=2), 13),    # stride in W: phases, OW 10 + 6 // 2
+])
+def test_padded_grid_width(x_shape, k, kw, wp):
+    """Grid columns per output row of the padded-input path (the computed-and-dropped ones are Wp - OW), checked
+    against the reference through a run at every tiling of test_padded_path_against_reference's kind."""
+    w = np.random.default_rng(1).standard_normal((5, x_shape[1]) + k).astype(np.float32)
+    plan = convcore.make_plan(x_shape, w, **kw)
+    assert plan._padded and plan._padded_row()[0] == wp, plan._padded_row()
+    x = np.random.default_rng(2).standard_normal(x_shape).astype(np.float32)
+    for tile in (None, plan.output_shape()[3]):
+        y = convcore.make_plan(x_shape, w, tile_size=tile, num_threads=2, **kw).run(x)
+        _check(y, x, w, np.zeros(5, np.float32), kw, f"tile={tile}")
