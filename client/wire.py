@@ -127,11 +127,14 @@ class TensorView:
         self.dtype, self.shape, self.data = dtype, shape, data
 
 
-def tensor_array(field, dtype, shape, data):
+def tensor_array(field, dtype, shape, data, misaligned="copy"):
     """Return a read-only array viewing `data` (bytes-like) as `shape` of `dtype`.
 
-    No copy, unless the bytes do not start at a multiple of the item size (a sender that does not align its
-    payload): then one copy, because the engine's kernels assume naturally aligned elements.
+    No copy, unless the bytes do not start at a multiple of the item size (a protobuf encoder puts a payload
+    wherever the fields before it end: the benchmark's and tritonclient's requests arrive at odd offsets) and
+    `misaligned` is ``"copy"``: then one copy into an aligned array, which is what numpy code and most libraries
+    expect (``torch.from_numpy`` refuses a misaligned array). ``"view"`` keeps the misaligned view, for a reader
+    known to take one: the server's inputs on x86-64 (`server._codec.INPUT_MISALIGNED`).
     Raises ValueError naming `field` when the shape is negative or the byte count does not match.
     """
     shape = tuple(shape)
@@ -143,18 +146,19 @@ def tensor_array(field, dtype, shape, data):
         raise ValueError(f"{field}.data has {size} bytes, expected {expected} (shape {list(shape)} of "
                          f"{dtype.name}, {dtype.itemsize} bytes each, row-major)")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    if not array.flags.aligned:  # numpy's own check of the address against the item's alignment
+    # numpy's own check of the address against the item's alignment
+    if not array.flags.aligned and misaligned != "view":
         array = array.copy()  # misaligned: the one copy
         array.flags.writeable = False
     return array
 
 
-def decode_tensor(field, view):
+def decode_tensor(field, view, misaligned="copy"):
     """A `Tensor` message or `TensorView` as a read-only array (see `tensor_array`); ValueError naming `field`."""
     dtype = DTYPES.get(view.dtype)
     if dtype is None:
         raise ValueError(f"{field}.dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64, got {dtype_name(view.dtype)}")
-    return tensor_array(field, dtype, view.shape, view.data)
+    return tensor_array(field, dtype, view.shape, view.data, misaligned)
 
 
 def tensor_message(array):

@@ -5,21 +5,44 @@ The wire details both sides share (dtype tables, LayerSpec <-> keywords, the zer
 in `client.wire`; this module adds what only the server needs. Every refusal names the request field, the value
 given and what was expected; convcore then checks the values themselves with messages of its own.
 """
+import platform
+
 from client import wire
 from convproto.convservice.v1 import conv_pb2
 
 from ._errors import InvalidArgument
 from ._model import Layer
 
-__all__ = ["decode_batching", "decode_model_file", "decode_registration", "encode_model", "model_info", "required_tensor",
-           "optional_tensor"]
+__all__ = ["INPUT_MISALIGNED", "decode_batching", "decode_model_file", "decode_registration", "encode_model",
+           "input_array", "model_info", "required_tensor", "optional_tensor"]
+
+#: What `wire.tensor_array` does with an input tensor (the array the convolution reads, not weights) whose bytes do
+#: not start at a multiple of the item size: a protobuf-built request puts the payload wherever the fields before it
+#: end (the benchmark's KServe request at offset 39, its InferRequest at 30; tritonclient's alike), and aligning it
+#: cost a copy of the whole input per call (medium 0.10-0.12 ms of a ~3.5 ms call; BENCHMARKS.md, "Serving path").
+#: "view" on x86-64: there a misaligned load is architecturally fine for every instruction that does not demand
+#: alignment, and convcore's compiled kernels use none that do on the input: a scan of both builds of
+#: convcore/_kernels (-march=native and CONVCORE_NO_NATIVE=1) found aligned vector accesses only on the stack, on
+#: constants and in the depthwise kernel's non-temporal output stores (which test the address first), every input
+#: read being an unaligned-load form; the depthwise NHWC kernel peels for alignment only when the address is a
+#: multiple of the item size. scripts/check_misaligned_reads.py repeats that scan, and
+#: tests/test_misaligned_inputs.py runs every engine path on inputs at byte offsets 1-7 (an aligned load there
+#: would fault at once). Elsewhere "copy", until checked likewise.
+INPUT_MISALIGNED = "view" if platform.machine().lower() in ("x86_64", "amd64") else "copy"
 
 
-def required_tensor(field, view):
-    """A TensorView (or None when the field was unset) as a read-only array; InvalidArgument naming `field`."""
+def input_array(field, dtype, shape, data):
+    """The bytes of a compute input as a read-only array (a view, misaligned or not where `INPUT_MISALIGNED` says
+    so); ValueError naming `field` for a shape and byte count that do not match."""
+    return wire.tensor_array(field, dtype, shape, data, INPUT_MISALIGNED)
+
+
+def required_tensor(field, view, misaligned="copy"):
+    """A TensorView (or None when the field was unset) as a read-only array; InvalidArgument naming `field`.
+    `misaligned` as in `wire.tensor_array` (`INPUT_MISALIGNED` for the tensor a convolution reads)."""
     if view is None:
         raise InvalidArgument(f"{field} is missing: a Tensor with dtype, shape and data is required")
-    return wire.decode_tensor(field, view)
+    return wire.decode_tensor(field, view, misaligned)
 
 
 def optional_tensor(field, view):

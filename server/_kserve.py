@@ -20,6 +20,7 @@ import numpy as np
 from client import wire
 from convproto.inference import grpc_service_pb2 as pb, model_config_pb2 as mc
 
+from ._codec import input_array
 from ._errors import InvalidArgument, ModelNotFound
 from ._servicer import OutputSink, add_service
 from ._shm import SharedMemoryError
@@ -72,8 +73,9 @@ def _shm_params(field, parameters):
 
 
 def _input(call, model, max_batch, shared_memory=None, held=None):
-    """The request's single input as an array: a view of raw_input_contents[0], one copy of typed contents, or a
-    view of a shared-memory region (held open in the ExitStack `held` for the rest of the call).
+    """The request's single input as an array: a view of raw_input_contents[0] (even at an odd offset, see
+    `_codec.INPUT_MISALIGNED`), one copy of typed contents, or a view of a shared-memory region (held open in the
+    ExitStack `held` for the rest of the call).
 
     Raises InvalidArgument naming the field for anything the model cannot take. Returns (array, seconds spent
     getting it out of shared memory, the region's access or None).
@@ -113,7 +115,7 @@ def _input(call, model, max_batch, shared_memory=None, held=None):
         if len(call.raw) != len(request.inputs):
             raise InvalidArgument(f"raw_input_contents must hold one entry per input ({len(request.inputs)}), "
                                   f"got {len(call.raw)}")
-        return wire.tensor_array("raw_input_contents[0]", dtype, shape, call.raw[0]), 0.0, None
+        return input_array("raw_input_contents[0]", dtype, shape, call.raw[0]), 0.0, None
     field = _CONTENTS[datatype]
     values = np.array(getattr(tensor.contents, field), dtype=dtype)  # the one copy typed contents need
     return wire.tensor_array(f"inputs[0].contents.{field}", dtype, shape, values.data), 0.0, None

@@ -13,7 +13,7 @@ from google.protobuf import message_factory
 from client import wire
 from convproto.convservice.v1 import conv_pb2
 
-from ._codec import decode_batching, decode_registration, model_info, optional_tensor, required_tensor
+from ._codec import INPUT_MISALIGNED, decode_batching, decode_registration, model_info, optional_tensor, required_tensor
 
 __all__ = ["ConvServicer", "OutputSink", "add_service"]
 
@@ -84,7 +84,7 @@ class ConvServicer:
                                                  "Conv": (wire.decode_conv_request, None)}, wrap)
 
     def Conv(self, call, context):
-        x = required_tensor("input", call.input)
+        x = required_tensor("input", call.input, INPUT_MISALIGNED)
         kernel = required_tensor("kernel", call.kernel)
         bias = optional_tensor("bias", call.bias)
         options = wire.spec_kwargs(call.spec, "spec")
@@ -93,7 +93,7 @@ class ConvServicer:
         return output.finish()
 
     def Infer(self, call, context):
-        x = required_tensor("input", call.input)
+        x = required_tensor("input", call.input, INPUT_MISALIGNED)
         output = OutputSink(wire.tensor_response)
         self._service.infer(context, self._service.model(call.name), x, output)
         return output.finish()
