@@ -7,7 +7,8 @@ from (its own PYTHONPATH; e.g. a ``git archive`` of another commit with the buil
 space-separated server flags and NAME=VALUE environment variables of that server. A label starting with ``plain``
 starts the hand-written grpcio + torch server instead (FLAGS: its torch threads, then its RPC threads, default 2 and
 8), and ``echo`` the gRPC echo of the same bytes (the transport alone; FLAGS ignored). $API = kserve (default) or
-infer; $SLICE = seconds per slice (0.5); $PAUSE = idle seconds before each slice (0.1). One client process drives
+infer, for every label of ours; a word ``API=kserve`` / ``API=infer`` in a label's FLAGS picks that label's own (so
+the two APIs of one tree can be compared in the same rounds: 'kserve=.|API=kserve' 'infer=.|API=infer'); $SLICE = seconds per slice (0.5); $PAUSE = idle seconds before each slice (0.1). One client process drives
 every server the same way (benchmarks.service.closed_loop), order rotated each round; prints req/s (median of
 rounds), p50, server CPU and minor page faults per request (/proc), the client's CPU per request (this process),
 and the median per-round ratio to the first label with its quartiles, then every pair's. Many short rounds
@@ -40,7 +41,7 @@ def main(argv):
     workload, cs, rounds = argv[0], [int(c) for c in argv[1].split(",")], int(argv[2])
     api = os.environ.get("API", "kserve")
     slice_s, pause = float(os.environ.get("SLICE", "0.5")), float(os.environ.get("PAUSE", "0.1"))
-    method = {"kserve": "/inference.GRPCInferenceService/ModelInfer", "infer": "/convservice.v1.ConvService/Infer"}[api]
+    methods = {"kserve": "/inference.GRPCInferenceService/ModelInfer", "infer": "/convservice.v1.ConvService/Infer"}
     specs = []
     for arg in argv[3:]:
         label, rest = arg.split("=", 1)
@@ -48,7 +49,9 @@ def main(argv):
         # NAME=VALUE words are environment variables of that server (e.g. GOMP_SPINCOUNT=20000), the rest flags.
         words = flags.split()
         env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=", 1)[0].isupper())
-        specs.append((label, tree, [w for w in words if w.split("=", 1)[0] not in env], env))
+        label_api = env.pop("API", api)
+        specs.append((label, tree, [w for w in words if w.split("=", 1)[0] not in env and not w.startswith("API=")],
+                      env, label_api))
     weights = make_weights()
     _, shape, model = LAYERS[workload]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
@@ -56,7 +59,7 @@ def main(argv):
     servers, calls, reqs = {}, {}, {}
     tmp = tempfile.mkdtemp(prefix="ab-")
     try:
-        for label, tree, flags, env in specs:
+        for label, tree, flags, env, label_api in specs:
             os.makedirs(os.path.join(tmp, label))
             if label == "echo":
                 p = contender_process("echo", os.path.join(tmp, label), 8).start()
@@ -77,12 +80,12 @@ def main(argv):
                 calls[label](reqs[label], timeout=60)
                 closed_loop(calls[label], reqs[label], 2, 1.0)
                 continue
-            reqs[label] = requests[api]
+            reqs[label] = requests[label_api]
             p = ServerProcess(os.path.join(tmp, label, "models"), *flags, cwd=tree,
                               env={"PYTHONPATH": tree, **env}).start()
             servers[label] = p
             register_models(p.target, weights)
-            calls[label] = _channel(p.target).unary_unary(method)
+            calls[label] = _channel(p.target).unary_unary(methods[label_api])
             calls[label](reqs[label], timeout=60)
             closed_loop(calls[label], reqs[label], 2, 1.0)
         labels = [s[0] for s in specs]
