@@ -5,7 +5,8 @@
 
 Each contender (ours = ``python -m server`` of this tree with KServe ModelInfer raw contents, or ``infer`` for
 ConvService/Infer (``infer-sdk``: the request as the SDK encodes it, payload aligned), or ``bound`` for ours
-with ``--omp-bind spread``; plain = benchmarks/service.py's hand-written grpcio + torch server; echo = the gRPC echo of the
+with ``--omp-bind spread``, ``shm`` for ours with KServe ModelInfer through a system shared-memory region (input and
+output in the region, as benchmarks/batching.py's shm rows); plain = benchmarks/service.py's hand-written grpcio + torch server; echo = the gRPC echo of the
 same bytes) runs in its own child process, with stamps taken from CLOCK_MONOTONIC (``time.monotonic_ns``, the same
 clock in every process of one machine) at: handler entry (the first Python line of the gRPC handler), compute start
 and end (``Model.run`` / ``F.conv2d``), handler return (the bytes handed back to gRPC). This process is the client:
@@ -37,6 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 STAMPS = []  # (event, monotonic ns) in the server process
+OURS = ("ours", "infer", "infer-sdk", "bound", "shm")  # contenders that are our server
 
 
 def _stamp(event):
@@ -74,7 +76,7 @@ def _dump_on_term(path):
 def serve(kind, port_file, stamps_path, weights_path, workers):
     """Child process: one contender with stamps; writes its port to `port_file`, its stamps on SIGTERM."""
     import grpc
-    if kind in ("ours", "infer", "infer-sdk", "bound"):
+    if kind in OURS:
         from server.__main__ import configure_openmp, configure_openmp_places, parse_args
         configure_openmp(None)
         configure_openmp_places("spread" if kind == "bound" else "off")  # as python -m server [--omp-bind spread]
@@ -222,18 +224,27 @@ def main(argv=None):
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     requests = contender_requests(x, model)
     kinds = args.contenders.split(",")
-    procs, calls, reqs, stamps = {}, {}, {}, {}
+    procs, calls, reqs, stamps, regions = {}, {}, {}, {}, []
     try:
         for kind in kinds:
             procs[kind], target, stamps[kind] = _start(kind, workdir, wpath, args.workers)
-            if kind in ("ours", "infer", "infer-sdk", "bound"):
+            if kind in OURS:
                 register_models(target, weights)
-            method = {"ours": KSERVE_INFER, "bound": KSERVE_INFER, "infer": CONV_INFER, "infer-sdk": CONV_INFER, "plain": f"/{PLAIN_SERVICE}/{model}",
-                      "echo": "/bench.Echo/Echo"}[kind]
+            method = {"ours": KSERVE_INFER, "bound": KSERVE_INFER, "shm": KSERVE_INFER, "infer": CONV_INFER,
+                      "infer-sdk": CONV_INFER, "plain": f"/{PLAIN_SERVICE}/{model}", "echo": "/bench.Echo/Echo"}[kind]
             calls[kind] = _channel(target).unary_unary(method)
             if kind == "infer-sdk":  # the SDK's encoding: the payload aligned in the message (no copy on arrival)
                 from client import wire
                 reqs[kind] = wire.infer_request(model, x)
+            elif kind == "shm":  # input written into the region once; the server writes the output there
+                from client._shm import SharedMemoryRegion, infer_request
+                from convproto.inference import grpc_service_pb2 as kpb
+                region = SharedMemoryRegion(2 * x.nbytes + 4096)
+                regions.append(region)
+                _channel(target).unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister")(
+                    kpb.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key,
+                                                          byte_size=region.nbytes).SerializeToString(), timeout=30)
+                reqs[kind] = infer_request(model, x, region).SerializeToString()
             else:
                 reqs[kind] = requests[{"ours": "kserve", "bound": "kserve", "infer": "infer"}.get(kind, kind)]
             for _ in range(args.warmup):
@@ -263,6 +274,8 @@ def main(argv=None):
         for kind, proc in procs.items():
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+        for region in regions:
+            region.close()
     out = {"pids": {k: p.pid for k, p in procs.items()}, "client_pid": os.getpid(),
            "window_ns": [t_begin, t_end], "load": open("/proc/loadavg").read().strip(), "contenders": {}}
     print(f"{args.workload}, {per_round * args.rounds} calls per contender, pause {args.pause * 1e3:g} ms, "

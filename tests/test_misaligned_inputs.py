@@ -113,8 +113,12 @@ DW_KW = dict(padding="same", groups=16, data_format="NHWC")
 def models(client):
     client.register_model("mis-nchw", [{"kernel": NCHW_W, "bias": NCHW_B, **NCHW_KW}])
     client.register_model("mis-dw", [{"kernel": DW_W, **DW_KW}])
+    # Dynamic batching: the misaligned views are concatenated into the batch (or computed alone when none joins).
+    client.register_model("mis-batched", [{"kernel": NCHW_W, "bias": NCHW_B, **NCHW_KW}],
+                          batching={"max_batch_size": 4, "max_queue_delay_microseconds": 200})
     return {"mis-nchw": (np.float32, (2, 8, 11, 9), NCHW_W, NCHW_B, NCHW_KW),
-            "mis-dw": (np.float64, (1, 10, 9, 16), DW_W, None, DW_KW)}
+            "mis-dw": (np.float64, (1, 10, 9, 16), DW_W, None, DW_KW),
+            "mis-batched": (np.float32, (1, 8, 11, 9), NCHW_W, NCHW_B, NCHW_KW)}
 
 
 def _expected(x, w, b, kw):
@@ -136,7 +140,7 @@ def _infer_request(name, x, pad):
     return head + conv_pb2.InferRequest(input=tensor).SerializeToString()
 
 
-@pytest.mark.parametrize("model", ["mis-nchw", "mis-dw"])
+@pytest.mark.parametrize("model", ["mis-nchw", "mis-dw", "mis-batched"])
 def test_infer_and_model_infer_on_misaligned_payloads_through_a_real_server(server, models, model):
     dtype, shape, w, b, kw = models[model]
     x = np.random.default_rng(7).standard_normal(shape).astype(dtype)
