@@ -8,7 +8,8 @@ that demands alignment touches the input: the aligned moves (``vmovaps``, ``vmov
 non-temporal loads and stores, and legacy-SSE (non-VEX) arithmetic with a memory operand (16-byte alignment). This
 lists every such instruction whose address is not on the stack (``%rsp``/``%rbp``) or a constant (``%rip``), per
 function, and exits 1 when one falls outside the known ones below (each explained). Run it after changing the
-kernels, with ``objdump`` installed; tests/test_misaligned_inputs.py checks the same behaviourally.
+kernels, with ``objdump`` installed; tests/test_misaligned_scan.py runs it on every build the suite tests, and
+tests/test_misaligned_inputs.py checks the same behaviourally.
 """
 import collections
 import glob
@@ -55,6 +56,11 @@ def findings(path):
     return found
 
 
+def explained(function, op):
+    """Why `op` in `function` is not an input read (a line of KNOWN), or None."""
+    return next((w for f, o, w in KNOWN if re.search(f, function) and re.search(o, op)), None)
+
+
 def main(argv):
     paths = argv or glob.glob(os.path.join(ROOT, "convcore", "_kernels*.so"))
     if not paths:
@@ -65,7 +71,7 @@ def main(argv):
         print(f"{path}:")
         for function, ops in sorted(findings(path).items()):
             for op, n in sorted(ops.items()):
-                why = next((w for f, o, w in KNOWN if re.search(f, function) and re.search(o, op)), None)
+                why = explained(function, op)
                 unknown += why is None
                 print(f"  {'known' if why else 'CHECK'}  {function[:70]:70s} {op:10s} x{n}"
                       + (f"  ({why})" if why else ""))
