@@ -45,6 +45,10 @@ cdef extern from "_gemm.h" nogil:
     const cc_gemm_kernels* cc_gemm_pick(int isa)
     void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, int* nr)
 
+cdef extern from "_nchw_copy.h" nogil:
+    void cc_copy_strided_f32(float* dst, const float* src, idx_t n, idx_t stride)
+    void cc_copy_strided_f64(double* dst, const double* src, idx_t n, idx_t stride)
+
 cdef extern from "_nhwc_gemm.h" nogil:
     ctypedef struct cc_nhwc_igemm:
         cc_igemm_f32_t f32
@@ -517,7 +521,7 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
     cdef floating* c = out + (n * g.Cout + co0) * P + p0
     cdef const floating* wg = wp + (grp * mpg + m0 // MR) * CK * MR
     cdef floating* ct = ws + g.Cig * SH * SW * plane
-    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, j, dw
+    cdef idx_t ci, py, px, r, ih, k0, kl, jp, mp, i, rr, lo, hi, dw
     cdef floating* d
     cdef const floating* src
     if SW == 1:
@@ -554,9 +558,10 @@ cdef void _item_packed_nchw_pad(const Geom* g, const floating* x, const floating
                     src = xg + ci * g.H * W + ih * W + px - g.PW
                     if SW == 1:
                         memcpy(d + lo, src + lo, (hi - lo) * sizeof(floating))
+                    elif floating is float:
+                        cc_copy_strided_f32(d + lo, src + lo * SW, hi - lo, SW)
                     else:
-                        for j in range(lo, hi):
-                            d[j] = src[j * SW]
+                        cc_copy_strided_f64(d + lo, src + lo * SW, hi - lo, SW)
                     if Wp > hi:
                         memset(d + hi, 0, (Wp - hi) * sizeof(floating))
     k0 = 0

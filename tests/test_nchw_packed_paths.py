@@ -55,6 +55,11 @@ CASES = [
     (2, 5, 9, (11, 17), (3, 2), 1, (2, 1), 1, (1, 2)),  # stride in W only, dilation in H only
     (1, 4, 6, (16, 16), (3, 3), "valid", 2, 2, 3),      # stride 3 > dilated taps' phases, groups
     (1, 2, 8, (9, 9), (2, 2), "valid", 1, 1, 2),        # 2x2 stride 2: every tap its own phase, no halo
+    # the vectorized stride-phase copy (_nchw_copy.h): strides 2 and 4 in W (its constant-stride loops) and 3 (the
+    # general one), phase rows of lengths that leave every vector remainder (1..40 columns, odd and even starts)
+    (1, 3, 8, (9, 83), (3, 7), "same", 1, 1, (1, 2)),   # 41 columns per phase, lo > 0 on the first phases
+    (2, 2, 5, (6, 70), (3, 5), "same", 1, 1, (2, 4)),   # stride 4: 18 columns, 4 phases of different lengths
+    (1, 2, 4, (5, 31), (1, 3), ((0, 0), (1, 1)), 1, 1, (1, 3)),  # stride 3: 11 columns, 1-row kernel
 ]
 
 
@@ -99,6 +104,33 @@ def test_padded_path_sample_independent_of_batch(level, dtype):
         alone = convcore.make_plan(x[i:i + 1].shape, w, b, num_threads=1, **kw).run(x[i:i + 1])
         assert np.array_equal(alone[0], y[i]), f"sample {i}"
     _check(y, x, w, b, kw, "batch 5")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_padded_path_short_k_is_one_block(level, dtype):
+    """A padded-path layer whose K is at most PADDED_ONE_BLOCK default K blocks runs K in one block (ResNet conv1:
+    147, not 128 + 19); a longer K keeps the default; a forced _k_block still splits. All against the reference."""
+    from convcore import _api
+    rng = np.random.default_rng(7)
+    x, w, b = _arrays(rng, batch=2, cin=3, cout=20, hw=(30, 29), k=(7, 7), dtype=dtype)
+    kw = dict(padding="same", strides=2, activation="relu")
+    plan = convcore.ConvPlan(x.shape, w, b, num_threads=2, **kw)
+    from convcore._blocking import k_block
+    default = k_block(plan._kc_nr, x.dtype.itemsize, 10 ** 6)   # the level's L1-sized K block
+    assert plan._padded and plan._ck == 147
+    assert plan._kc == 147 and plan.tiling()["k_block"] == 147
+    if default < 147:   # AVX-512: 128 (the rule applies); the narrower levels' default already covers K
+        assert 147 <= _api.PADDED_ONE_BLOCK * default
+    _check(plan.run(x), x, w, b, kw, f"{level} one K block")
+    split = convcore.ConvPlan(x.shape, w, b, num_threads=2, _k_block=64, **kw)
+    assert split._kc == 64
+    _check(split.run(x), x, w, b, kw, f"{level} K blocks of 64")
+    # K = 128 * 9 = 1152 > 1.5 default blocks on every level: the default stays
+    big = convcore.ConvPlan((1, 128, 12, 12), np.zeros((8, 128, 3, 3), dtype), padding="same")
+    assert big._padded and big._kc == k_block(big._kc_nr, x.dtype.itemsize, 1152) < 1152
+    # not the padded path (1x1, K = 150): the gathered B panel is kc x NR in L1, so the default stays
+    one = convcore.ConvPlan((1, 150, 12, 12), np.zeros((8, 150, 1, 1), dtype))
+    assert not one._padded and one._kc == k_block(one._kc_nr, x.dtype.itemsize, 150)
 
 
 def test_padded_path_only_where_it_applies():
