@@ -157,10 +157,12 @@ ATTR static void NAME(ptrdiff_t ntaps, ptrdiff_t klen, const S* const* ap, ptrdi
  * default, except on AVX2: 6 channels x 16 pixels (12 ymm accumulators, as 4 x 24) instead of 4 x 16 (8). There the
  * plan also takes it for every NCHW layer off the padded-input path (the gather / direct / batched paths: 1x1,
  * 1-D, 3-D, small images), where its one-line (64-byte) B panel rows leave more of L1 to data than 4 x 24's 96-byte
- * rows (two lines each). Measured, Zen 4, 2 threads, one process vs the 4 x 24 / 4 x 16 build (AVX2 level):
- * 3x3 512->512 @7^2 b8 +40%, 1x1 s2 1024->2048 b1/b8 +52%/+52%, 1x1 256->64 +16%/+32%, Conv1D +14%, Conv3D +40%;
- * but -6..-16% on the padded-path 3x3 rows with large images (64/128 channels, VGG, ResNet conv1), which keep
- * 4 x 24. Channel panels of 6 pad 64 -> 66, 512 -> 516 channels (<= 3% extra FLOPs). */
+ * rows (two lines each). Measured (Zen 4, 2 threads, AVX2 level, both builds in one process, 7 interleaved rounds,
+ * 2026-12-02 16:46 UTC, load 6.2 -> 1.2: noisy), 6 x 16 for every NCHW layer against the 4 x 24 / 4 x 16 build:
+ * 3x3 512->512 @7^2 b1/b8 +12%/+40%, 1x1 s2 1024->2048 b1/b8 +52%/+52%, 1x1 256->64 +16%/+32%, 1x1 144->24
+ * +23%/+25%, Conv1D +14%, Conv3D +40%; but -6..-16% on the padded-path 3x3 rows with large images (64/128
+ * channels, VGG, ResNet conv1), which therefore keep 4 x 24. Channel panels of 6 pad 64 -> 66, 512 -> 516
+ * channels (<= 3% extra FLOPs). */
 #define CCG_NARROW_NV 2
 #define CCG_AVX2_NARROW_MR 6
 
