@@ -769,44 +769,179 @@ def _issue9_targets(ratios, targets):
                     "rows": [(r, lay) for r, lay, _ in low]})
 
 
-def bench_row_isa(layer, n, args, isa):
-    """The default plans (cc NCHW/NHWC) and torch on one row with ``CONVCORE_ISA=isa`` forced; GFLOP/s medians."""
-    old = os.environ.get("CONVCORE_ISA")
-    os.environ["CONVCORE_ISA"] = isa
-    try:
-        d = RowData(layer, n, dtype=np.dtype(args.dtype))
-        cc, _ = convcore_contenders(d, args.threads, per_call=False)
-        contenders = [c for c in cc if c.name in ("cc NCHW", "cc NHWC")] + torch_contenders(d)
-        samples = time_contenders(contenders, args.repeats, args.pause, warmup_s=0.05 if args.quick else 0.2)
-    finally:
-        if old is None:
-            os.environ.pop("CONVCORE_ISA", None)
-        else:
-            os.environ["CONVCORE_ISA"] = old
+#: What the extra lower-level run sets, per level, so that torch runs at the same level as convcore: oneDNN's ISA
+#: cap and ATen's kernel dispatch level (both read once, at torch start-up: hence a subprocess), and the same cap for
+#: the BLAS libraries of its GEMM peak (torch's MKL, numpy's OpenBLAS).
+ISA_CAPS = {
+    "avx2": {"CONVCORE_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell"},
+}
+#: Prefix of the one line of JSON the ISA child prints (the other lines are its progress, passed on).
+_ISA_RESULT = "ISA-RERUN-RESULT "
+
+
+def _onednn_verbose(fn):
+    """Run ``fn()`` once with oneDNN's verbose mode on; return the ``onednn_verbose`` lines it printed.
+
+    oneDNN prints with C stdio to file descriptor 1, so fd 1 is pointed at a temporary file for the call (Python's and
+    C's buffers flushed on both sides of the switch).
+    """
+    import ctypes
+    import tempfile
+
+    torch = sys.modules["torch"]
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+            libc.fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+    return [line for line in text.splitlines() if line.startswith("onednn_verbose")]
+
+
+def _conv_impls(lines):
+    """The oneDNN convolution implementations (``jit:avx2``, ``brg_conv_fwd:avx2``, ...) named in verbose lines."""
+    impls = []
+    for line in lines:
+        f = line.split(",")
+        if len(f) > 6 and f[2:4] == ["primitive", "exec"] and f[5] == "convolution" and f[6] not in impls:
+            impls.append(f[6])
+    return impls
+
+
+def torch_isa_report():
+    """What torch itself says about its level: ATen's CPU capability and oneDNN's ISA line (from a probe conv)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    import torch.nn.functional as F
+
+    x = torch.ones(1, 64, 56, 56)  # big enough for torch to pick oneDNN (a tiny conv takes ATen's own path)
+    w = torch.ones(64, 64, 3, 3)
+    lines = _onednn_verbose(lambda: F.conv2d(x, w, padding=1))
+    isa = next((ln.split("isa:", 1)[1] for ln in lines if ",info,cpu,isa:" in ln), None)
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "onednn": isa, "probe_impls": _conv_impls(lines)}
+
+
+def bench_row_isa(layer, n, args):
+    """The default plans (cc NCHW/NHWC) and torch on one row, at whatever level this process runs; GFLOP/s medians,
+    and the oneDNN convolution implementations torch ran (one verbose call per torch contender, after the timing)."""
+    d = RowData(layer, n, dtype=np.dtype(args.dtype))
+    cc, _ = convcore_contenders(d, args.threads, per_call=False)
+    th = torch_contenders(d)
+    contenders = [c for c in cc if c.name in ("cc NCHW", "cc NHWC")] + th
+    samples = time_contenders(contenders, args.repeats, args.pause, warmup_s=0.05 if args.quick else 0.2)
+    impls = {c.name: _conv_impls(_onednn_verbose(c.fn)) for c in th}
     g = {name: layer.flops(n) / summarize(ts)[0] / 1e9 for name, ts in samples.items()}
-    del d, contenders, cc
+    del d, contenders, cc, th
     gc.collect()
-    return {"id": row_id(layer, n), "gflops": g,
+    return {"id": row_id(layer, n), "gflops": g, "impls": impls,
             "ratio": {"NCHW": g["cc NCHW"] / g["torch NCHW"] if "torch NCHW" in g else None,
                       "NHWC": g["cc NHWC"] / g["torch CL"] if "torch CL" in g else None}}
 
 
-def isa_rerun_lines(rerun, peak):
-    """The report section of the extra run at a forced lower kernel level (empty when there was none)."""
+def isa_child(args):
+    """``--isa-child ISA``: the rows at the level the parent's environment (ISA_CAPS) set; one JSON result line."""
+    pin_malloc()
+    _try_import("torch")
+    import convcore
+
+    _set_threads(args.threads)
+    torch = sys.modules.get("torch")
+    out = {"isa": args.isa_child, "kernel_isa": convcore.kernel_isa(), "torch": torch_isa_report(),
+           "env": {k: os.environ.get(k) for k in ISA_CAPS.get(args.isa_child, {})}}
+    out["peak"] = gemm_peak(args.threads, size=1024 if args.quick else None)
+    ctx = torch.no_grad() if torch is not None else None
+    if ctx is not None:
+        ctx.__enter__()
+    rows = []
+    try:
+        for layer, n in select_rows(args.rows, args.quick):
+            r = bench_row_isa(layer, n, args)
+            rows.append(r)
+            print(f"{r['id']:<22} {args.isa_child} " + "  ".join(f"{c}={v:.1f}" for c, v in r["gflops"].items())
+                  + f"  ratio NCHW={_fmt(r['ratio']['NCHW'], 2)} NHWC={_fmt(r['ratio']['NHWC'], 2)}"
+                  + f"  torch ran {'/'.join(','.join(v) or 'ATen' for v in r['impls'].values())}", flush=True)
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    out["rows"] = rows
+    print(_ISA_RESULT + json.dumps(out), flush=True)
+
+
+def run_isa_rerun(rows, args, isa="avx2"):
+    """Run `rows` again in a subprocess with convcore AND torch capped at `isa` (ISA_CAPS); return its result dict.
+
+    The cap has to be set before torch starts, so it cannot be done in this process; the child measures its own GEMM
+    peak at that level and reports what torch says it runs (ATen capability, oneDNN ISA and implementations).
+    """
+    ids = "|".join(re.escape(row_id(ly, n)) for ly, n in rows)
+    cmd = [sys.executable, "-m", "benchmarks.engine", "--isa-child", isa, "--rows", f"^(?:{ids})$",
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--pause", str(args.pause),
+           "--dtype", args.dtype] + (["--quick"] if args.quick else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=source_env(ISA_CAPS[isa]))
+    result = None
+    for line in proc.stdout:
+        if line.startswith(_ISA_RESULT):
+            result = json.loads(line[len(_ISA_RESULT):])
+        else:
+            print(line, end="", flush=True)
+    if proc.wait() != 0 or result is None:
+        raise RuntimeError(f"the {isa} rerun failed (exit status {proc.returncode}): {shlex.join(cmd)}")
+    return result
+
+
+def _torch_level_note(res):
+    """One line saying at which level torch really ran in the rerun, from torch's own reports; warns on a mismatch."""
+    th = res.get("torch") or {}
+    if not th:
+        return "torch is not installed: no ratios."
+    isa = res["isa"]
+    impls = sorted({i for r in res["rows"] for v in r["impls"].values() for i in v} | set(th.get("probe_impls", [])))
+    above = [i for i in impls if "avx512" in i or "amx" in i] + \
+        ([f"ATen {th['aten']}"] if th.get("aten", "").lower() != isa else []) + \
+        ([f"oneDNN {th['onednn']}"] if isa.upper() not in (th.get("onednn") or "").upper().replace("-", "") else [])
+    note = (f"torch reported ATen CPU capability `{th.get('aten')}`, oneDNN ISA `{th.get('onednn')}`; oneDNN "
+            f"convolution implementations seen: {', '.join(f'`{i}`' for i in impls) or 'none'} (rows with none ran "
+            f"ATen's own kernels, at its capability).")
+    if above:
+        note += f" **Not capped to {isa}: {', '.join(above)}** — these ratios are not like for like."
+    return note
+
+
+def isa_rerun_lines(rerun):
+    """The report section of the extra run at a lower level (convcore and torch both capped; empty without one)."""
     if not rerun:
         return []
-    isa, rows = rerun
-    top = peak_gflops(peak)
-    lines = [f"### The same rows with `CONVCORE_ISA={isa}` (the AVX2 kernels on this AVX-512 machine)", "",
-             "| row | cc NCHW | cc NHWC | torch NCHW | torch CL | NCHW ratio | NHWC ratio | % peak NCHW/NHWC |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    isa = rerun["isa"]
+    env = ", ".join(f"`{k}={v}`" for k, v in rerun["env"].items())
+    top = peak_gflops(rerun.get("peak"))
+    lines = [f"### The same rows at the {isa.upper()} level: convcore and torch both capped (subprocess)", "",
+             f"Both contenders run at {isa} on this machine, in a child process started with {env}: convcore's "
+             f"{rerun['kernel_isa']} kernels against torch's own {isa} code paths, i.e. what a CPU of this speed "
+             f"with {isa} only would show. " + _torch_level_note(rerun), ""]
+    if rerun.get("peak"):
+        lines += [f"GEMM peak at this level: {rerun['peak']['text']}; `% peak` below is against it.", ""]
+    lines += ["| row | cc NCHW | cc NHWC | torch NCHW | torch CL | NCHW ratio | NHWC ratio | % peak NCHW/NHWC "
+              "| torch conv NCHW / CL |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rerun["rows"]:
         g = r["gflops"]
+        impl = " / ".join(",".join(r["impls"].get(c, [])) or "ATen" for c in ("torch NCHW", "torch CL")
+                          if c in r["impls"]) or NA
         lines.append(f"| {r['id']} | " + " | ".join(_fmt(g.get(c), 1) for c in ("cc NCHW", "cc NHWC", "torch NCHW",
                                                                                 "torch CL"))
                      + f" | {_fmt(r['ratio']['NCHW'], 2)} | {_fmt(r['ratio']['NHWC'], 2)} | "
-                     f"{_pct(g.get('cc NCHW'), top)}/{_pct(g.get('cc NHWC'), top)} |")
-    ratios = [v for r in rows for v in r["ratio"].values() if v is not None]
+                     f"{_pct(g.get('cc NCHW'), top)}/{_pct(g.get('cc NHWC'), top)} | {impl} |")
+    ratios = [v for r in rerun["rows"] for v in r["ratio"].values() if v is not None]
     if ratios:
         lines += ["", f"Geometric mean of convcore/torch at {isa}: **{_geomean(ratios):.2f}×**, lowest "
                       f"{min(ratios):.2f}×."]
@@ -882,7 +1017,7 @@ def render_section(args, info, peak, malloc_note, results, mem, largest, summary
            "depthwise); `cc blas` the im2col + BLAS implementation (`algorithm=\"blas\"`). `% peak` is cc / the "
            "measured GEMM peak above. `cc conv()` is the per-call API (plan + output allocation every call). ORT "
            "runs NCHW only.", "",
-           *isa_rerun_lines(getattr(args, "isa_rerun", None), peak),
+           *isa_rerun_lines(getattr(args, "isa_rerun", None)),
            "### Summary and targets (issue 2)", ""]
     out += [f"- {s}" for s in summary]
     for t in targets:
@@ -926,11 +1061,13 @@ def parse_args(argv):
                    help="re-run a row once (keeping the steadier run) when its spread exceeds this fraction "
                         "(default 0.5; quick: 0 = never)")
     p.add_argument("--no-isa-rerun", action="store_true",
-                   help="skip the extra run with CONVCORE_ISA=avx2 on an AVX-512 machine (--quick skips it too)")
+                   help="skip the extra run at the AVX2 level (convcore and torch capped, in a subprocess) on an "
+                        "AVX-512 machine (--quick skips it too)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="element type of every contender (default float32; float64 runs without ORT and memory "
                         "probes, and needs --output: the GEMM peak stays the float32 one)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
+    p.add_argument("--isa-child", choices=tuple(ISA_CAPS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")
@@ -944,7 +1081,7 @@ def parse_args(argv):
         args.rerun_spread = 0.0 if args.quick else 0.5
     if args.mem is None:
         args.mem = "largest" if args.quick else "all"
-    if args.dtype != "float32":
+    if args.dtype != "float32" and not args.isa_child:
         if args.output is None:
             p.error("--dtype float64 needs --output (BENCHMARKS.md's generated section is the float32 run)")
         args.mem = "none"
@@ -1005,16 +1142,9 @@ def run_benchmark(args):
                   flush=True)
         args.isa_rerun = None
         if not (args.no_isa_rerun or args.quick) and info.get("kernel_isa") == "avx512":
-            # The AVX2 kernels on the same machine, same run: what an AVX2-only CPU of this speed would get.
-            print("# extra run with CONVCORE_ISA=avx2", flush=True)
-            rerun = []
-            for layer, n in rows:
-                r = bench_row_isa(layer, n, args, "avx2")
-                rerun.append(r)
-                print(f"{r['id']:<22} avx2 " + "  ".join(f"{c}={v:.1f}" for c, v in r["gflops"].items())
-                      + f"  ratio NCHW={_fmt(r['ratio']['NCHW'], 2)} NHWC={_fmt(r['ratio']['NHWC'], 2)}",
-                      flush=True)
-            args.isa_rerun = ("avx2", rerun)
+            # The AVX2 level on the same machine, convcore and torch both capped: what an AVX2-only CPU would show.
+            print("# extra run at the AVX2 level (convcore and torch capped, in a subprocess)", flush=True)
+            args.isa_rerun = run_isa_rerun(rows, args, "avx2")
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -1046,6 +1176,9 @@ def main(argv=None):
     if args.memprobe:
         rid, contender = args.memprobe.split("|")
         print(json.dumps(memory_probe(rid, contender, args.threads)))
+        return 0
+    if args.isa_child:
+        isa_child(args)
         return 0
     run_benchmark(args)
     return 0

@@ -231,10 +231,13 @@ class ConvPlan:
         if not geo.channels_last:
             # NCHW tiles run over pixels: take the narrow kernel when the wide one would pad the image's pixel count
             # up by noticeably more (7x7, 14x14 outputs); its K block is longer, as its panel is narrower.
+            # A narrow kernel with more channel rows than the default (AVX2: 6 x 16 against 4 x 24) is also taken
+            # for every packed layer off the padded-input path, where it measured faster (_gemm.h).
             mr, nr = _kernels.gemm_shape(self._isa, self.dtype.itemsize, False, True)
             P = c[16] * self._padded_row()[0] if self._padded else math.prod(geo.out_spatial)
-            if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr:
-                self._narrow, self._nr = True, nr
+            if -(-P // nr) * nr < 0.95 * -(-P // self._nr) * self._nr or \
+                    (mr > self._mr and self._algo == ALGO_PACKED and not self._padded):
+                self._narrow, self._mr, self._nr = True, mr, nr
         if self._padded:
             self._narrow = int(self._narrow) | NCHW_PADDED
         if not geo.channels_last and self._algo == ALGO_PACKED and not self._general:

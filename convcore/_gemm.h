@@ -152,9 +152,19 @@ ATTR static void NAME(ptrdiff_t ntaps, ptrdiff_t klen, const S* const* ap, ptrdi
 #define CCG_A2_NCHW_NV 3
 #define CCG_A2_NHWC_MR 6
 #define CCG_A2_NHWC_NV 2
-/* The narrow NCHW variant (same MR, 2 vectors of pixels) for layers whose pixel count a 3-vector tile would
- * round up badly (7x7 = 49 pixels: 2 x 48 wide, 2 x 32 narrow on AVX-512). The plan picks the one that wastes less. */
+/* The narrow NCHW variant (2 vectors of pixels) for layers whose pixel count a 3-vector tile would round up badly
+ * (7x7 = 49 pixels: 2 x 48 wide, 2 x 32 narrow on AVX-512). The plan picks the one that wastes less. Same MR as the
+ * default, except on AVX2: 6 channels x 16 pixels (12 ymm accumulators, as 4 x 24) instead of 4 x 16 (8). There the
+ * plan also takes it for every NCHW layer off the padded-input path (the gather / direct / batched paths: 1x1,
+ * 1-D, 3-D, small images), where its one-line (64-byte) B panel rows leave more of L1 to data than 4 x 24's 96-byte
+ * rows (two lines each). Measured (Zen 4, 2 threads, AVX2 level, both builds in one process, 7 interleaved rounds,
+ * 2026-12-02 16:46 UTC, load 6.2 -> 1.2: noisy), 6 x 16 for every NCHW layer against the 4 x 24 / 4 x 16 build:
+ * 3x3 512->512 @7^2 b1/b8 +12%/+40%, 1x1 s2 1024->2048 b1/b8 +52%/+52%, 1x1 256->64 +16%/+32%, 1x1 144->24
+ * +23%/+25%, Conv1D +14%, Conv3D +40%; but -6..-16% on the padded-path 3x3 rows with large images (64/128
+ * channels, VGG, ResNet conv1), which therefore keep 4 x 24. Channel panels of 6 pad 64 -> 66, 512 -> 516
+ * channels (<= 3% extra FLOPs). */
 #define CCG_NARROW_NV 2
+#define CCG_AVX2_NARROW_MR 6
 
 /* Portable: 16-byte GCC/Clang vectors (SSE2 on any x86-64, NEON on aarch64), no target attribute. */
 typedef float ccg_v4f __attribute__((vector_size(16)));
@@ -182,12 +192,12 @@ typedef float ccg_v16f __attribute__((vector_size(64)));
 typedef double ccg_v8d __attribute__((vector_size(64)));
 CCG_DEFINE_GEMM(ccg_gemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_GEMM(ccg_gemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
-CCG_DEFINE_GEMM(ccg_gemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_NARROW_NV)
-CCG_DEFINE_GEMM(ccg_gemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_AVX2_NARROW_MR, CCG_NARROW_NV)
+CCG_DEFINE_GEMM(ccg_gemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_AVX2_NARROW_MR, CCG_NARROW_NV)
 CCG_DEFINE_PGEMM(ccg_pgemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
 CCG_DEFINE_PGEMM(ccg_pgemm_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_A2_NCHW_NV)
-CCG_DEFINE_PGEMM(ccg_pgemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NCHW_MR, CCG_NARROW_NV)
-CCG_DEFINE_PGEMM(ccg_pgemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NCHW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_AVX2_NARROW_MR, CCG_NARROW_NV)
+CCG_DEFINE_PGEMM(ccg_pgemmn_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_AVX2_NARROW_MR, CCG_NARROW_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_GEMM(ccg_gemmh_avx2_f64, CCG_T_AVX2, double, ccg_v4d, 4, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
 CCG_DEFINE_IGEMM(ccg_igemm_avx2_f32, CCG_T_AVX2, float, ccg_v8f, 8, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV)
@@ -224,6 +234,7 @@ typedef struct {
     cc_pgemm_f32_t pgemmn_f32;
     cc_pgemm_f64_t pgemmn_f64;
     int nchw_mr, nchw_nv, nhwc_mr, nhwc_nv, vec_bytes;
+    int nchw_narrow_mr;   /* MR of the narrow NCHW kernels (gemmn, pgemmn) */
 } cc_gemm_kernels;
 
 static const cc_gemm_kernels cc_gemm_table[3] = {
@@ -231,29 +242,29 @@ static const cc_gemm_kernels cc_gemm_table[3] = {
      ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      ccg_gemmh_port_f32, ccg_gemmh_port_f64,
      ccg_pgemm_port_f32, ccg_pgemm_port_f64, ccg_pgemmn_port_f32, ccg_pgemmn_port_f64,
-     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
+     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16, CCG_A2_NCHW_MR},
 #if CCG_HAVE_X86
     {ccg_gemm_avx2_f32, ccg_gemm_avx2_f64, ccg_igemm_avx2_f32, ccg_igemm_avx2_f64,
      ccg_gemmn_avx2_f32, ccg_gemmn_avx2_f64,
      ccg_gemmh_avx2_f32, ccg_gemmh_avx2_f64,
      ccg_pgemm_avx2_f32, ccg_pgemm_avx2_f64, ccg_pgemmn_avx2_f32, ccg_pgemmn_avx2_f64,
-     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 32},
+     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 32, CCG_AVX2_NARROW_MR},
     {ccg_gemm_avx512_f32, ccg_gemm_avx512_f64, ccg_igemm_avx512_f32, ccg_igemm_avx512_f64,
      ccg_gemmn_avx512_f32, ccg_gemmn_avx512_f64,
      ccg_gemmh_avx512_f32, ccg_gemmh_avx512_f64,
      ccg_pgemm_avx512_f32, ccg_pgemm_avx512_f64, ccg_pgemmn_avx512_f32, ccg_pgemmn_avx512_f64,
-     CCG_A512_NCHW_MR, CCG_A512_NCHW_NV, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV, 64},
+     CCG_A512_NCHW_MR, CCG_A512_NCHW_NV, CCG_A512_NHWC_MR, CCG_A512_NHWC_NV, 64, CCG_A512_NCHW_MR},
 #else
     {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
      ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      ccg_gemmh_port_f32, ccg_gemmh_port_f64,
      ccg_pgemm_port_f32, ccg_pgemm_port_f64, ccg_pgemmn_port_f32, ccg_pgemmn_port_f64,
-     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
+     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16, CCG_A2_NCHW_MR},
     {ccg_gemm_port_f32, ccg_gemm_port_f64, ccg_igemm_port_f32, ccg_igemm_port_f64,
      ccg_gemmn_port_f32, ccg_gemmn_port_f64,
      ccg_gemmh_port_f32, ccg_gemmh_port_f64,
      ccg_pgemm_port_f32, ccg_pgemm_port_f64, ccg_pgemmn_port_f32, ccg_pgemmn_port_f64,
-     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16},
+     CCG_A2_NCHW_MR, CCG_A2_NCHW_NV, CCG_A2_NHWC_MR, CCG_A2_NHWC_NV, 16, CCG_A2_NCHW_MR},
 #endif
 };
 
@@ -269,7 +280,7 @@ static void cc_gemm_shape(int isa, int itemsize, int nhwc, int narrow, int* mr, 
 {
     const cc_gemm_kernels* k = cc_gemm_pick(isa);
     int vl = k->vec_bytes / itemsize;
-    *mr = nhwc ? k->nhwc_mr : k->nchw_mr;
+    *mr = nhwc ? k->nhwc_mr : (narrow ? k->nchw_narrow_mr : k->nchw_mr);
     *nr = (nhwc ? k->nhwc_nv : (narrow ? CCG_NARROW_NV : k->nchw_nv)) * vl;
 }
 

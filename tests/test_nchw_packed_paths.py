@@ -324,3 +324,26 @@ def test_padded_grid_width(x_shape, k, kw, wp):
     for tile in (None, plan.output_shape()[3]):
         y = convcore.make_plan(x_shape, w, tile_size=tile, num_threads=2, **kw).run(x)
         _check(y, x, w, np.zeros(5, np.float32), kw, f"tile={tile}")
+
+
+@pytest.mark.skipif("avx2" not in LEVELS, reason="the CPU has no AVX2")
+def test_avx2_nchw_tile_shapes(monkeypatch):
+    """AVX2 NCHW: the padded-input path of large images keeps 4 x 24; the 7x7 images and every layer off that path
+    (1x1, 1-D, 3-D, batched small images) take the 6 x 16 kernel, whose edges the tests above reach at this level
+    (channel counts 1..33, pixel counts 1..33 in test_conv_engine's remainder test; partial 6-channel panels here)."""
+    monkeypatch.setenv("CONVCORE_ISA", "avx2")
+
+    def shape(x_shape, k, **kw):
+        w = np.ones((16, x_shape[1]) + k, np.float32)
+        p = convcore.make_plan(x_shape, w, padding="same", **kw)
+        return p._mr, p._nr
+
+    assert shape((1, 8, 56, 56), (3, 3)) == (4, 24)
+    assert shape((1, 8, 7, 7), (3, 3)) == (6, 16)
+    assert shape((8, 8, 7, 7), (3, 3)) == (6, 16)
+    assert shape((1, 8, 56, 56), (1, 1)) == (6, 16)
+    assert shape((1, 8, 300), (3,)) == (6, 16)
+    assert shape((1, 8, 4, 9, 9), (3, 3, 3)) == (6, 16)
+    monkeypatch.setenv("CONVCORE_ISA", "avx512")
+    if "avx512" in LEVELS:
+        assert shape((1, 8, 300), (3,)) == (8, 48)
