@@ -93,8 +93,14 @@ def test_infer_request_decodes_as_protobuf_does(data):
 @SETTINGS
 @given(infer_request_bytes(), st.data())
 def test_mutated_infer_requests_decode_or_fail_as_protobuf_does(data, draw):
+    data = _mutate(data, draw, edits=4, insert=4)
+    assert _outcome(_fast_infer, data) == _outcome(_reference_infer, data)
+
+
+def _mutate(data, draw, edits, insert):
+    """`data` with 1..`edits` random byte flips, cuts or insertions (of 1..`insert` bytes)."""
     data = bytearray(data or b"\x0a\x00")
-    for _ in range(draw.draw(st.integers(1, 4))):
+    for _ in range(draw.draw(st.integers(1, edits))):
         op = draw.draw(st.sampled_from(["flip", "cut", "insert"]))
         i = draw.draw(st.integers(0, max(0, len(data) - 1)))
         if op == "flip" and data:
@@ -102,9 +108,8 @@ def test_mutated_infer_requests_decode_or_fail_as_protobuf_does(data, draw):
         elif op == "cut":
             del data[i:]
         else:
-            data[i:i] = draw.draw(st.binary(min_size=1, max_size=4))
-    data = bytes(data)
-    assert _outcome(_fast_infer, data) == _outcome(_reference_infer, data)
+            data[i:i] = draw.draw(st.binary(min_size=1, max_size=insert))
+    return bytes(data)
 
 
 #: Messages as protobuf itself serializes them (the layout `wire._canonical` reads without the general scan), with
@@ -139,17 +144,7 @@ def test_canonical_infer_requests_decode_as_protobuf_does(data, pad):
 @SETTINGS
 @given(canonical_requests, st.data())
 def test_mutated_canonical_infer_requests_decode_or_fail_as_protobuf_does(data, draw):
-    data = bytearray(data or b"\x0a\x00")
-    for _ in range(draw.draw(st.integers(1, 3))):
-        op = draw.draw(st.sampled_from(["flip", "cut", "insert"]))
-        i = draw.draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[i] = draw.draw(st.integers(0, 255))
-        elif op == "cut":
-            del data[i:]
-        else:
-            data[i:i] = draw.draw(st.binary(min_size=1, max_size=3))
-    data = bytes(data)
+    data = _mutate(data, draw, edits=3, insert=3)
     assert _outcome(_fast_infer, data) == _outcome(_reference_infer, data)
 
 
